@@ -1,0 +1,49 @@
+"""E_text: a text -> a sequence of condition tokens and its padding mask.
+
+The paper names a "T5 encoder" (section 4.1) and "the text branch of f_M" (section 7);
+both are supported, chosen by `text_encoder.kind` in conf (see conf/base.yaml).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import AutoTokenizer, T5EncoderModel
+
+from model.mllm import MLLM, torch_dtype
+
+
+class TextEncoder:
+    """Batched, padded encoding; `mask` is True on real tokens."""
+
+    def __init__(self, kind: str, name_or_path: str | None, max_tokens: int, dtype: str = "float32",
+                 device: str = "cpu", mllm: MLLM | None = None):
+        self.kind = kind
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        if kind == "t5":
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.model = T5EncoderModel.from_pretrained(name_or_path, dtype=torch_dtype(dtype)).to(self.device).eval()
+            self.dim = self.model.config.d_model
+        elif kind == "mllm":
+            if mllm is None:
+                raise ValueError("text_encoder.kind=mllm needs the fused embedder's MLLM")
+            self.tokenizer = mllm.tokenizer
+            self.model = mllm.model
+            self.dim = mllm.model.config.get_text_config().hidden_size
+        else:
+            raise ValueError(f"text_encoder.kind={kind!r}: expected 't5' or 'mllm'")
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Right padding here: the condition is consumed through a key padding mask, so
+        # where the padding sits does not matter, and T5 is trained right-padded.
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                               return_tensors="pt", padding_side="right").to(self.device)
+        if self.kind == "t5":
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        else:
+            out = self.model.model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden = out.last_hidden_state
+        mask = batch["attention_mask"].bool()
+        return hidden.float() * mask.unsqueeze(-1), mask

@@ -1,0 +1,77 @@
+"""Image checks and decoding: what ingest accepts, and how every later op opens it."""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from ops.storage import read_bytes
+
+
+class ImageRejected(Exception):
+    """An input that the pipeline skips and records in `rejects`, with this reason."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    min_side: int
+    max_side: int
+    max_pixels: int
+
+    @classmethod
+    def from_conf(cls, images: dict) -> "ImageLimits":
+        return cls(images["min_side"], images["max_side"], images["max_pixels"])
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def probe_image(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+    """(width, height) of a fully decodable image within limits, else ImageRejected.
+
+    The size is checked from the header before decoding, so a 20000x20000 image is
+    refused without allocating it; then the whole image is decoded, which is what
+    catches truncated files.
+    """
+    if not data:
+        raise ImageRejected("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if min(width, height) < limits.min_side:
+                raise ImageRejected(f"too small: {width}x{height}, sides must be >= {limits.min_side}")
+            if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+                raise ImageRejected(
+                    f"too large: {width}x{height}, limits are {limits.max_side} a side and {limits.max_pixels} pixels")
+            im.load()
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageRejected(f"corrupt image: {e}") from None
+    return width, height
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def load_image(uri: str, s3: dict | None, expected_sha256: str | None = None) -> Image.Image:
+    """Read and decode an image for a model; ImageRejected if it is gone or changed since ingest."""
+    try:
+        data = read_bytes(uri, s3)
+    except (FileNotFoundError, OSError) as e:
+        raise ImageRejected(f"cannot read {uri}: {e}") from None
+    if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
+        raise ImageRejected(f"{uri} changed since ingest (sha256 differs): re-run ingest")
+    try:
+        return decode_image(data)
+    except Exception as e:
+        raise ImageRejected(f"corrupt image: {e}") from None

@@ -1,0 +1,38 @@
+"""Stage `caption`: images with no caption for their current sha256 (and model) -> `captions`."""
+from __future__ import annotations
+
+import ray
+
+from ops.caption import OUTPUT_SCHEMA, CaptionOp
+from ops.schemas import CAPTIONS
+from pipelines.common import StageSummary, init_ray, plain, prepare_models, write_staging
+from pipelines.lake import Lake, commit
+from pipelines.stages import keep_changed, read_table
+
+
+def run(cfg) -> StageSummary:
+    init_ray(cfg)
+    prepare_models(cfg)
+    lake = Lake.from_conf(cfg)
+    summary = StageSummary("caption")
+    summary.read = lake.count("images")
+    if summary.read == 0:
+        print("[caption] the images table is empty or missing: run ingest first")
+        return summary
+    model = cfg.models.captioner
+    staged = (
+        read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"])
+        .map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
+            table_uri=lake.uri("captions"), storage_options=lake.storage_options,
+            compare={"sha256": "sha256"}, constants={"model": model.name_or_path}))
+        .map_batches(
+            CaptionOp, fn_constructor_kwargs=dict(model=plain(model), caption=plain(cfg.caption), s3=lake.s3),
+            compute=ray.data.ActorPoolStrategy(size=cfg.caption.num_actors), batch_size=cfg.caption.batch_size,
+            batch_format="numpy", num_cpus=cfg.caption.num_cpus_per_actor, num_gpus=cfg.caption.num_gpus_per_actor)
+    )
+    write_staging(staged, lake, "caption", OUTPUT_SCHEMA)
+    counts = commit(lake, "caption", "captions", ["image_id"], CAPTIONS)
+    lake.clear_staging("caption")
+    summary.written, summary.rejected = counts["written"], counts["rejected"]
+    summary.skipped = summary.read - summary.written - summary.rejected
+    return summary

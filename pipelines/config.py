@@ -1,0 +1,95 @@
+"""The one config system: conf/base.yaml (every knob, documented) < deployment file < key=value.
+
+Errors are raised as ConfigError before any work starts: an unknown key names the key
+and the file or argument it came from; a wrong type names the key, the expected type
+and the value found.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+BASE = CONF_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_keys(node: Any, base: Any, where: str, path: str = "") -> None:
+    """Every key of `node` must exist in `base`, and hold a value of the same type."""
+    if isinstance(base, DictConfig):
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{where}: {path or 'the config'} must be a mapping (like conf/base.yaml), got {node!r}")
+        for key in node.keys():
+            full = f"{path}.{key}" if path else str(key)
+            if key not in base:
+                raise ConfigError(f"{where}: unknown key {full!r} (not in conf/base.yaml)")
+            _check_keys(node._get_node(key), base._get_node(key), where, full)
+        return
+    if not hasattr(node, "_is_interpolation") or node._is_interpolation() or base._is_interpolation():
+        return  # checked after resolution, in _check_types
+    _check_value(node._value(), base._value(), where, path)
+
+
+def _check_value(value: Any, default: Any, where: str, path: str) -> None:
+    if value is None or default is None:
+        return  # null defaults take a string (paths, endpoints) or null
+    expected = type(default)
+    if expected is float and type(value) is int:
+        return
+    if type(value) is not expected:
+        raise ConfigError(
+            f"{where}: {path} must be {expected.__name__} (like {default!r} in conf/base.yaml), "
+            f"got {type(value).__name__} {value!r}"
+        )
+
+
+def _check_types(cfg: Any, base: Any, path: str = "") -> None:
+    for key in base.keys():
+        full = f"{path}.{key}" if path else str(key)
+        b, c = base[key], cfg[key]
+        if isinstance(b, (DictConfig, dict)):
+            _check_types(c, b, full)
+        elif not isinstance(b, (ListConfig, list)):
+            _check_value(c, b, "resolved config", full)
+
+
+def _parse_override(arg: str) -> DictConfig:
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r} is not key=value")
+    try:
+        return OmegaConf.from_dotlist([arg])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override {arg!r}: {e}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Base < deployment file `path` < `overrides` (key=value), checked and resolved."""
+    base = OmegaConf.load(BASE)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as e:  # yaml errors carry the line; keep them, name the file
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    layers += [(f"override {o!r}", _parse_override(o)) for o in overrides]
+    cfg = base
+    for where, layer in layers:
+        _check_keys(layer, base, where)
+        cfg = OmegaConf.merge(cfg, layer)
+    try:
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config could not be resolved: {e}") from None
+    _check_types(resolved, OmegaConf.create(OmegaConf.to_container(base, resolve=True)))
+    OmegaConf.set_readonly(resolved, True)
+    OmegaConf.set_struct(resolved, True)
+    return resolved

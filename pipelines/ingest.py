@@ -1,0 +1,81 @@
+"""Stage `ingest`: catalogue manifest -> `images` (image_id, uri, sha256, width, height)."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import ray
+
+from ops.ingest import OUTPUT_SCHEMA, IngestOp
+from ops.schemas import IMAGES
+from ops.storage import filesystem
+from pipelines.common import StageSummary, init_ray, plain, write_staging
+from pipelines.lake import Lake, commit
+from pipelines.stages import keep_changed
+
+REQUIRED_COLUMNS = ("image_id", "uri")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def read_manifest(uri: str, s3: dict) -> ray.data.Dataset:
+    fs, path = filesystem(uri, s3)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise ManifestError(f"manifest {uri}: cannot be read: {e}") from None
+    if info.type.name == "NotFound":
+        raise ManifestError(f"manifest {uri} does not exist")
+    if uri.endswith(".csv"):
+        # ids like 00012 must stay strings, not become the integer 12
+        opts = pacsv.ConvertOptions(column_types={"image_id": pa.string(), "uri": pa.string(), "caption": pa.string()},
+                                    strings_can_be_null=True)
+        ds = ray.data.read_csv(path, filesystem=fs, convert_options=opts)
+    elif uri.endswith(".parquet") or info.type.name == "Directory":
+        ds = ray.data.read_parquet(path, filesystem=fs)
+    else:
+        raise ManifestError(f"manifest {uri}: expected a .parquet file or folder, or a .csv file")
+    names = ds.schema().names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ManifestError(f"manifest {uri} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                            f"required: {', '.join(REQUIRED_COLUMNS)}")
+    columns = [c for c in ("image_id", "uri", "caption") if c in names]
+    return ds.select_columns(columns)
+
+
+def duplicate_ids(ds: ray.data.Dataset) -> frozenset[str]:
+    """Ids that occur more than once: a distributed count, of which only the repeats reach the driver."""
+    counts = ds.select_columns(["image_id"]).groupby("image_id").count()
+
+    def repeats(t: pa.Table) -> pa.Table:
+        return t.filter(pc.greater(t.column(t.schema.names[-1]), 1)).select(["image_id"])
+
+    return frozenset(str(r["image_id"]) for r in counts.map_batches(repeats, batch_format="pyarrow").take_all()
+                     if r["image_id"] not in (None, ""))
+
+
+def run(cfg) -> StageSummary:
+    init_ray(cfg)
+    lake = Lake.from_conf(cfg)
+    summary = StageSummary("ingest")
+    manifest = read_manifest(cfg.catalogue.manifest, lake.s3)
+    dups = duplicate_ids(manifest)
+    summary.read = manifest.count()
+    staged = (
+        manifest.map_batches(
+            IngestOp, fn_constructor_kwargs=dict(limits=plain(cfg.images), s3=lake.s3, duplicate_ids=dups),
+            compute=ray.data.ActorPoolStrategy(size=cfg.ingest.num_actors), batch_size=cfg.ingest.batch_size,
+            batch_format="numpy", num_cpus=1)
+        .map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
+            table_uri=lake.uri("images"), storage_options=lake.storage_options,
+            compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"}))
+    )
+    write_staging(staged, lake, "ingest", OUTPUT_SCHEMA)
+    counts = commit(lake, "ingest", "images", ["image_id"], IMAGES)
+    lake.clear_staging("ingest")
+    summary.written, summary.rejected = counts["written"], counts["rejected"]
+    summary.skipped = summary.read - summary.written - counts["rejected"]
+    return summary

@@ -1,0 +1,168 @@
+"""The lake: Lance tables at <storage.root>/<table>.lance, written idempotently.
+
+Every stage writes its output (good rows and rejects together) to a staging dataset
+with Ray Data, then commits it to the tables here with one `merge_insert` per table,
+keyed, so a rerun after a crash neither duplicates nor loses rows: nothing reaches a
+table until the commit, and the commit is atomic in Lance.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ops.schemas import REJECTS, vector_dim
+from ops.storage import filesystem, lance_storage_options
+
+
+class TableError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Lake:
+    root: str
+    staging_root: str
+    s3: dict
+
+    @classmethod
+    def from_conf(cls, cfg) -> "Lake":
+        return cls(cfg.storage.root.rstrip("/"), cfg.storage.staging.rstrip("/"), dict(cfg.storage.s3))
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return lance_storage_options(self.s3)
+
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}.lance"
+
+    def staging_uri(self, stage: str) -> str:
+        return f"{self.staging_root}/{stage}.lance"
+
+    def open(self, table: str) -> lance.LanceDataset | None:
+        return open_dataset(self.uri(table), self.storage_options)
+
+    def clear_staging(self, stage: str) -> None:
+        """Removes a stage's staged rows (a crashed run's, or a committed run's)."""
+        fs, path = filesystem(self.staging_uri(stage), self.s3)
+        try:
+            fs.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def count(self, table: str, filter: str | None = None) -> int:
+        ds = self.open(table)
+        return 0 if ds is None else ds.count_rows(filter=filter)
+
+
+def open_dataset(uri: str, storage_options: dict) -> lance.LanceDataset | None:
+    try:
+        return lance.dataset(uri, storage_options=storage_options)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if "not found" in str(e).lower() or "does not exist" in str(e).lower() or isinstance(e, FileNotFoundError):
+            return None
+        raise
+
+
+def sql_in(column: str, values: Iterable[str]) -> str:
+    quoted = ",".join("'" + str(v).replace("'", "''") + "'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+def lookup(ds: lance.LanceDataset | None, ids: Sequence[str], columns: Sequence[str],
+           key: str = "image_id", where: str | None = None) -> dict[str, dict]:
+    """Rows of `ds` whose key is in `ids`, as key -> row; one scan with a pushed-down filter."""
+    if ds is None or len(ids) == 0:
+        return {}
+    flt = sql_in(key, ids) + (f" AND {where}" if where else "")
+    table = ds.to_table(columns=list(dict.fromkeys([key, *columns])), filter=flt)
+    return {r[key]: r for r in table.to_pylist()}
+
+
+def check_vector_dim(ds: lance.LanceDataset, expected: int, table: str) -> None:
+    found = vector_dim(ds.schema)
+    if found != expected:
+        raise TableError(f"table {table!r} holds vectors of size {found}, but models.embedder.dim is {expected}: "
+                         f"a different embedder wrote it; point storage.root elsewhere or fix the config")
+
+
+def commit(lake: Lake, stage: str, table: str, keys: Sequence[str], schema: pa.Schema,
+           reject_key: str = "image_id") -> dict[str, int]:
+    """Merge the stage's staged rows into `table` (good rows) and `rejects` (the rest)."""
+    staged = open_dataset(lake.staging_uri(stage), lake.storage_options)
+    counts = {"written": 0, "rejected": 0}
+    if staged is None:
+        return counts
+    good = staged.scanner(columns=schema.names, filter="reject_reason IS NULL").to_reader()
+    counts["written"] = _upsert(lake, table, keys, schema, good)
+    now = pa.scalar(dt.datetime.now(dt.timezone.utc), type=REJECTS.field("run_at").type)
+    uri_col = "uri" if "uri" in staged.schema.names else None
+
+    def rejects():
+        cols = [reject_key, "reject_reason"] + ([uri_col] if uri_col else [])
+        for batch in staged.scanner(columns=cols, filter="reject_reason IS NOT NULL").to_batches():
+            n = batch.num_rows
+            keys_ = pc.if_else(pc.equal(batch[reject_key], ""), pa.array(["<empty image_id>"] * n), batch[reject_key])
+            yield pa.record_batch([
+                pa.array([stage] * n), keys_.cast(pa.string()),
+                batch[uri_col] if uri_col else pa.nulls(n, pa.string()),
+                batch["reject_reason"], pa.array([now.as_py()] * n, type=REJECTS.field("run_at").type),
+            ], schema=REJECTS)
+
+    _upsert(lake, "rejects", ["stage", "key"], REJECTS, pa.RecordBatchReader.from_batches(REJECTS, rejects()))
+    # Every rejected input row counts, even where several share a key (empty ids).
+    counts["rejected"] = staged.count_rows(filter="reject_reason IS NOT NULL")
+    return counts
+
+
+def _dedupe_keys(reader: pa.RecordBatchReader, keys: Sequence[str]) -> pa.RecordBatchReader:
+    """Drops repeated keys within a commit (e.g. several rejected rows with an empty id)."""
+    seen: set = set()
+
+    def batches():
+        for b in reader:
+            cols = [b.column(k).to_pylist() for k in keys]
+            mask = []
+            for key in zip(*cols):
+                mask.append(key not in seen)
+                seen.add(key)
+            if any(mask):
+                yield b.filter(pa.array(mask))
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, reader: pa.RecordBatchReader) -> int:
+    reader = _dedupe_keys(reader.cast(schema) if hasattr(reader, "cast") else reader, keys)
+    counter = {"n": 0}
+
+    def counted():
+        for b in reader:
+            counter["n"] += b.num_rows
+            yield b
+
+    source = pa.RecordBatchReader.from_batches(schema, counted())
+    ds = lake.open(table)
+    if ds is None:
+        lance.write_dataset(source, lake.uri(table), schema=schema, mode="create",
+                            storage_options=lake.storage_options)
+        ds = lake.open(table)
+    else:
+        if ds.schema.remove_metadata() != schema.remove_metadata():
+            raise TableError(f"table {lake.uri(table)} has schema {ds.schema} but this stage writes {schema}")
+        (ds.merge_insert(list(keys)).when_matched_update_all().when_not_matched_insert_all().execute(source))
+    if counter["n"] and "image_id" in keys and not _has_index(ds, "image_id"):
+        # Per-batch lookups by image_id (incremental stages) use this index.
+        ds.create_scalar_index("image_id", index_type="BTREE")
+    return counter["n"]
+
+
+def _has_index(ds: lance.LanceDataset, column: str) -> bool:
+    try:
+        return any(column in idx.get("fields", []) for idx in ds.list_indices())
+    except Exception:
+        return False

@@ -1,0 +1,165 @@
+"""The synthetic catalogue of the demo and the tests, deterministic from a seed.
+
+Images are drawn procedurally from known attributes, so every caption, edit and target
+is known exactly. Written under `synthetic.out_dir` (local or s3://):
+- `images/<image_id>.png` and `manifest.parquet` (image_id, uri, caption, attributes),
+- `triplets/` images and `triplets.parquet` in HQ-Edit form (triplet_id, source_uri,
+  instruction, target_uri, target_description),
+- `queries.parquet` in CIRR form (query_id, reference_id, modification_text,
+  target_id, shared_concept) whose targets are catalogue images.
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import asdict, dataclass, replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from ops.storage import filesystem, write_bytes
+
+ATTRIBUTES = {
+    "shape": ["circle", "square", "triangle", "diamond"],
+    "colour": ["red", "green", "blue", "yellow", "purple", "orange"],
+    "size": ["small", "large"],
+    "position": ["left", "centre", "right"],
+    "background": ["white", "black", "grey", "beige"],
+}
+RGB = {
+    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (235, 210, 40),
+    "purple": (140, 50, 170), "orange": (240, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15),
+    "grey": (128, 128, 128), "beige": (225, 210, 170),
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    shape: str
+    colour: str
+    size: str
+    position: str
+    background: str
+
+    def caption(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} on the {self.position}, {self.background} background"
+
+    def description(self) -> str:
+        return (f"An image of a {self.size} {self.colour} {self.shape} placed on the {self.position} "
+                f"side of a plain {self.background} background.")
+
+
+def instruction(attribute: str, value: str) -> str:
+    return {
+        "shape": f"make it a {value}", "colour": f"change the colour to {value}",
+        "size": f"make it {value}", "position": f"move it to the {value}",
+        "background": f"change the background to {value}",
+    }[attribute]
+
+
+def draw(item: Item, size: int, rng: random.Random) -> Image.Image:
+    """The item on its background; a little jitter so no two images are byte-identical."""
+    im = Image.new("RGB", (size, size), RGB[item.background])
+    d = ImageDraw.Draw(im)
+    r = size * (0.14 if item.size == "small" else 0.3)
+    cx = {"left": 0.27, "centre": 0.5, "right": 0.73}[item.position] * size + rng.uniform(-2, 2)
+    cy = size * 0.5 + rng.uniform(-2, 2)
+    fill = RGB[item.colour]
+    if item.shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif item.shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif item.shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return im
+
+
+def png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_item(rng: random.Random) -> Item:
+    return Item(**{k: rng.choice(v) for k, v in ATTRIBUTES.items()})
+
+
+def edit(item: Item, rng: random.Random) -> tuple[str, str, Item]:
+    attribute = rng.choice(list(ATTRIBUTES))
+    value = rng.choice([v for v in ATTRIBUTES[attribute] if v != getattr(item, attribute)])
+    return attribute, value, replace(item, **{attribute: value})
+
+
+def _write_table(rows: list[dict], uri: str, s3: dict | None) -> None:
+    fs, path = filesystem(uri, s3)
+    pq.write_table(pa.Table.from_pylist(rows), path, filesystem=fs)
+
+
+def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets: int, num_queries: int,
+                   seed: int, s3: dict | None = None) -> dict[str, str]:
+    """Writes the catalogue; returns the URIs of the manifest, triplets and queries."""
+    combos = 1
+    for v in ATTRIBUTES.values():
+        combos *= len(v)
+    if num_images > combos or 2 * num_queries > num_images:
+        raise ValueError(f"synthetic: need 2 * num_queries <= num_images <= {combos}, "
+                         f"got num_queries={num_queries}, num_images={num_images}")
+    rng = random.Random(seed)
+    items: list[Item] = []
+    seen: set[Item] = set()
+    queries = []
+    # Queries first, so that each has its reference and target in the catalogue.
+    while len(queries) < num_queries:
+        ref = random_item(rng)
+        attribute, value, target = edit(ref, rng)
+        if ref in seen or target in seen:
+            continue
+        for it in (ref, target):
+            seen.add(it)
+            items.append(it)
+        queries.append((len(items) - 2, len(items) - 1, attribute, value))
+    while len(items) < num_images:
+        it = random_item(rng)
+        if it not in seen:
+            seen.add(it)
+            items.append(it)
+    order = list(range(len(items)))
+    rng.shuffle(order)  # references and targets are not neighbours in the manifest
+    image_id = {k: f"img{n:05d}" for n, k in enumerate(order)}
+
+    manifest = []
+    for k in order:
+        uri = f"{out_dir}/images/{image_id[k]}.png"
+        write_bytes(uri, png(draw(items[k], image_size, rng)), s3)
+        manifest.append({"image_id": image_id[k], "uri": uri, "caption": items[k].caption(), **asdict(items[k])})
+    query_rows = [{
+        "query_id": f"q{n:05d}", "reference_id": image_id[r], "modification_text": instruction(a, v),
+        "target_id": image_id[t], "shared_concept": items[r].shape,
+    } for n, (r, t, a, v) in enumerate(queries)]
+    triplets = []
+    for n in range(num_triplets):
+        src = random_item(rng)
+        attribute, value, tgt = edit(src, rng)
+        s_uri, t_uri = f"{out_dir}/triplets/t{n:05d}_source.png", f"{out_dir}/triplets/t{n:05d}_target.png"
+        write_bytes(s_uri, png(draw(src, image_size, rng)), s3)
+        write_bytes(t_uri, png(draw(tgt, image_size, rng)), s3)
+        triplets.append({"triplet_id": f"t{n:05d}", "source_uri": s_uri, "instruction": instruction(attribute, value),
+                         "target_uri": t_uri, "target_description": tgt.description()})
+    uris = {"manifest": f"{out_dir}/manifest.parquet", "triplets": f"{out_dir}/triplets.parquet",
+            "queries": f"{out_dir}/queries.parquet"}
+    _write_table(manifest, uris["manifest"], s3)
+    _write_table(triplets, uris["triplets"], s3)
+    _write_table(query_rows, uris["queries"], s3)
+    return uris
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny models' tokenizers are trained on: the catalogue's words and prompts."""
+    words = [w for vs in ATTRIBUTES.values() for w in vs]
+    rng = random.Random(0)
+    lines = [random_item(rng).description() for _ in range(200)]
+    lines += [instruction(a, v) for a, vs in ATTRIBUTES.items() for v in vs]
+    return lines + [" ".join(words)]

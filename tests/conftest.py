@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models built once, local Ray once, a moto S3 server on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEPT_CALLABLE_DEPRECATION", "1")
+
+import pytest
+
+from pipelines.config import load_config
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of a tiny Qwen2.5-VL MLLM and a tiny T5 encoder, built offline once."""
+    from pipelines.common import prepare_models
+
+    root = tmp_path_factory.mktemp("models")
+    cfg = load_config("conf/demo.yaml", [f"run_dir={root}"])
+    prepare_models(cfg)
+    return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
+
+
+def test_config(run_dir, tiny_models, *extra):
+    """The demo config under `run_dir`, with the session's tiny models and small batches."""
+    return load_config("conf/demo.yaml", [
+        f"run_dir={run_dir}",
+        f"models.captioner.name_or_path={tiny_models['mllm']}",
+        f"models.embedder.name_or_path={tiny_models['mllm']}",
+        f"models.describer.name_or_path={tiny_models['mllm']}",
+        f"models.text_encoder.name_or_path={tiny_models['t5']}",
+        "ray.progress_bars=false",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (real HTTP), with one bucket; yields conf's storage.s3 values."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    s3 = {"endpoint": f"http://127.0.0.1:{port}", "region": "us-east-1", "access_key_id": "testing",
+          "secret_access_key": "testing", "allow_http": True}
+    boto3.client("s3", endpoint_url=s3["endpoint"], region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="lake")
+    yield s3
+    server.stop()
