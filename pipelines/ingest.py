@@ -46,9 +46,9 @@ def read_manifest(uri: str, s3: dict) -> ray.data.Dataset:
     return ds.select_columns(columns)
 
 
-def duplicate_ids(ds: ray.data.Dataset) -> frozenset[str]:
+def duplicate_ids(ds: ray.data.Dataset, partitions: int) -> frozenset[str]:
     """Ids that occur more than once: a distributed count, of which only the repeats reach the driver."""
-    counts = ds.select_columns(["image_id"]).groupby("image_id").count()
+    counts = ds.select_columns(["image_id"]).groupby("image_id", num_partitions=partitions).count()
 
     def repeats(t: pa.Table) -> pa.Table:
         return t.filter(pc.greater(t.column(t.schema.names[-1]), 1)).select(["image_id"])
@@ -62,7 +62,7 @@ def run(cfg) -> StageSummary:
     lake = Lake.from_conf(cfg)
     summary = StageSummary("ingest")
     manifest = read_manifest(cfg.catalogue.manifest, lake.s3)
-    dups = duplicate_ids(manifest)
+    dups = duplicate_ids(manifest, cfg.ingest.duplicate_check_partitions)
     summary.read = manifest.count()
     staged = (
         manifest.map_batches(

@@ -162,7 +162,4 @@ def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, read
 
 
 def _has_index(ds: lance.LanceDataset, column: str) -> bool:
-    try:
-        return any(column in idx.get("fields", []) for idx in ds.list_indices())
-    except Exception:
-        return False
+    return any(column in idx.field_names for idx in ds.describe_indices())

@@ -1,0 +1,127 @@
+"""ingest, caption and embed on local Ray into Lance: counts, incrementality, rejects."""
+import random
+
+import lance
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import caption, embed, ingest
+from pipelines.ingest import ManifestError
+from pipelines.lake import TableError
+from pipelines.synthetic import Item, draw, make_catalogue, png
+from tests.badfiles import write_bad_files
+from tests.conftest import test_config as make_config
+
+
+def run_all(cfg):
+    return [stage.run(cfg) for stage in (ingest, caption, embed)]
+
+
+def rows(cfg, table, **kw):
+    return lance.dataset(f"{cfg.storage.root}/{table}.lance").to_table(**kw)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, tiny_models, ray_local):
+    """A catalogue of 8 good images plus one row of each bad kind, after a first full run."""
+    root = tmp_path_factory.mktemp("run")
+    uris = make_catalogue(str(root / "catalogue"), num_images=8, image_size=64, num_triplets=1, num_queries=2, seed=3)
+    bad = write_bad_files(root / "bad")
+    m = pq.read_table(uris["manifest"]).select(["image_id", "uri", "caption"]).to_pylist()
+    m += [{"image_id": f"bad_{k.split('.')[0]}", "uri": v, "caption": None} for k, v in bad.items()]
+    m += [{"image_id": "bad_missing", "uri": str(root / "nope.png"), "caption": None},
+          {"image_id": "", "uri": m[0]["uri"], "caption": None},
+          {"image_id": "twice", "uri": m[1]["uri"], "caption": None},
+          {"image_id": "twice", "uri": m[2]["uri"], "caption": None}]
+    pq.write_table(pa.Table.from_pylist(m), root / "manifest.parquet")
+    cfg = make_config(root, tiny_models, f"catalogue.manifest={root}/manifest.parquet")
+    first = run_all(cfg)
+    return {"cfg": cfg, "root": root, "manifest": m, "first": first}
+
+
+def test_first_run_writes_every_good_row_and_rejects_every_bad_one(lake):
+    cfg = lake["cfg"]
+    ing, cap, emb = lake["first"]
+    assert (ing.read, ing.written, ing.rejected) == (17, 8, 9)
+    assert (cap.read, cap.written, cap.rejected) == (8, 8, 0)
+    assert (emb.read, emb.written, emb.rejected) == (8, 8, 0)
+    images = rows(cfg, "images")
+    assert images.num_rows == 8 and set(images["image_id"].to_pylist()) == {f"img{i:05d}" for i in range(8)}
+    assert all(len(s) == 64 for s in images["sha256"].to_pylist())
+    rejects = {r["key"]: r["reason"] for r in rows(cfg, "rejects").to_pylist() if r["stage"] == "ingest"}
+    assert "not an image" in rejects["bad_notes"] and "corrupt" in rejects["bad_truncated"]
+    assert "too small" in rejects["bad_pixel"] and "too large" in rejects["bad_huge"]
+    assert "missing file" in rejects["bad_missing"] and "empty image_id" in rejects["<empty image_id>"]
+    assert "duplicate" in rejects["twice"] and "empty" in rejects["bad_empty"]
+    emb_t = rows(cfg, "embeddings")
+    assert emb_t.schema.field("vector").type == pa.list_(pa.float32(), cfg.models.embedder.dim)
+    assert sorted(emb_t["kind"].to_pylist()) == ["image"] * 8 + ["pair"] * 8
+    captions = {r["image_id"]: r for r in rows(cfg, "captions").to_pylist()}
+    pairs = {r["image_id"]: r for r in emb_t.to_pylist() if r["kind"] == "pair"}
+    for image_id, p in pairs.items():
+        assert p["text"] == captions[image_id][f"caption_{p['caption_kind']}"]
+
+
+def test_rerun_on_unchanged_catalogue_processes_nothing(lake):
+    cfg = lake["cfg"]
+    before = {t: rows(cfg, t).to_pylist() for t in ("images", "captions", "embeddings")}
+    ing, cap, emb = run_all(cfg)
+    assert (ing.written, ing.skipped, ing.rejected) == (0, 8, 9)
+    assert (cap.written, cap.skipped) == (0, 8) and (emb.written, emb.skipped) == (0, 8)
+    for t, old in before.items():
+        assert rows(cfg, t).to_pylist() == old, t
+    assert rows(cfg, "rejects").num_rows == 9 - 1  # the two rows of "twice" share one key
+
+
+def test_changed_bytes_reprocess_exactly_that_image_and_new_images_only_themselves(lake):
+    cfg, root = lake["cfg"], lake["root"]
+    changed = lake["manifest"][0]
+    old_caps = {r["image_id"]: r for r in rows(cfg, "captions").to_pylist()}
+    old_vecs = {(r["image_id"], r["kind"]): r["vector"] for r in rows(cfg, "embeddings").to_pylist()}
+    with open(changed["uri"], "wb") as f:
+        f.write(png(draw(Item("star" if False else "circle", "orange", "large", "left", "black"), 64, random.Random(9))))
+    ing, cap, emb = run_all(cfg)
+    assert (ing.written, cap.written, emb.written) == (1, 1, 1)
+    caps = {r["image_id"]: r for r in rows(cfg, "captions").to_pylist()}
+    assert caps[changed["image_id"]]["sha256"] != old_caps[changed["image_id"]]["sha256"]
+    assert all(caps[k] == v for k, v in old_caps.items() if k != changed["image_id"])
+    vecs = {(r["image_id"], r["kind"]): r["vector"] for r in rows(cfg, "embeddings").to_pylist()}
+    assert vecs[(changed["image_id"], "image")] != old_vecs[(changed["image_id"], "image")]
+    assert all(vecs[k] == v for k, v in old_vecs.items() if k[0] != changed["image_id"])
+
+    extra = make_catalogue(str(root / "more"), num_images=2, image_size=64, num_triplets=0, num_queries=1, seed=11)
+    new = [dict(r, image_id="new_" + r["image_id"]) for r in pq.read_table(extra["manifest"]).select(["image_id", "uri", "caption"]).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(lake["manifest"] + new), root / "manifest.parquet")
+    ing, cap, emb = run_all(cfg)
+    assert (ing.read, ing.written, ing.skipped) == (19, 2, 8)
+    assert (cap.written, cap.skipped, emb.written, emb.skipped) == (2, 8, 2, 8)
+    assert rows(cfg, "embeddings").num_rows == 20
+    assert rows(cfg, "images").num_rows == len(set(rows(cfg, "images")["image_id"].to_pylist())) == 10
+
+
+def test_csv_manifest_keeps_ids_as_strings(lake, tmp_path, tiny_models):
+    src = lake["manifest"][:3]
+    t = pa.table({"image_id": ["007", "008", "009"], "uri": [r["uri"] for r in src]})
+    pacsv.write_csv(t, tmp_path / "m.csv")
+    cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/m.csv")
+    s = ingest.run(cfg)
+    assert s.written == 3 and sorted(rows(cfg, "images")["image_id"].to_pylist()) == ["007", "008", "009"]
+
+
+def test_manifest_without_a_required_column_is_refused_by_name(tmp_path, tiny_models, ray_local):
+    pq.write_table(pa.table({"image_id": ["a"], "path": ["/x.png"]}), tmp_path / "m.parquet")
+    cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/m.parquet")
+    with pytest.raises(ManifestError, match="no column 'uri'"):
+        ingest.run(cfg)
+    cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/none.parquet")
+    with pytest.raises(ManifestError, match="does not exist"):
+        ingest.run(cfg)
+
+
+def test_embeddings_of_another_size_are_refused_before_work(lake, tiny_models):
+    cfg = make_config(lake["root"], tiny_models, f"catalogue.manifest={lake['root']}/manifest.parquet",
+                      "models.embedder.dim=1536")
+    with pytest.raises(Exception, match="size 64.*dim is 1536"):
+        embed.run(cfg)
