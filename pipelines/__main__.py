@@ -50,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(f"  {k:8s} {v}" for k, v in HELP.items()))
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--config", default=None, help="deployment config (conf/demo.yaml, conf/prod.yaml)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="deployment config (conf/demo.yaml, conf/prod.yaml); repeat to layer files")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. caption.batch_size=4")
     args = parser.parse_intermixed_args(argv)
     if args.stage == "demo" and args.config is None:
-        args.config = "conf/demo.yaml"
+        args.config = ["conf/demo.yaml"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

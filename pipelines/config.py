@@ -69,11 +69,20 @@ def _parse_override(arg: str) -> DictConfig:
         raise ConfigError(f"override {arg!r}: {e}") from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Base < deployment file `path` < `overrides` (key=value), checked and resolved."""
+def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
+                overrides: Sequence[str] = ()) -> DictConfig:
+    """Base < deployment file(s) `paths`, in order < `overrides` (key=value), checked and resolved.
+
+    Several files layer like overrides: a benchmark's file holds only what it changes
+    in the deployment it starts from (conf/bench/data.yaml on conf/demo.yaml).
+    """
     base = OmegaConf.load(BASE)
     layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:

@@ -104,8 +104,8 @@ def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets:
     combos = 1
     for v in ATTRIBUTES.values():
         combos *= len(v)
-    if num_images > combos or 2 * num_queries > num_images:
-        raise ValueError(f"synthetic: need 2 * num_queries <= num_images <= {combos}, "
+    if 2 * num_queries > min(num_images, combos):
+        raise ValueError(f"synthetic: need 2 * num_queries <= min(num_images, {combos}), "
                          f"got num_queries={num_queries}, num_images={num_images}")
     rng = random.Random(seed)
     items: list[Item] = []
@@ -123,7 +123,8 @@ def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets:
         queries.append((len(items) - 2, len(items) - 1, attribute, value))
     while len(items) < num_images:
         it = random_item(rng)
-        if it not in seen:
+        # Past the number of attribute combinations, items repeat (their jitter differs).
+        if it not in seen or len(seen) == combos:
             seen.add(it)
             items.append(it)
     order = list(range(len(items)))

@@ -125,3 +125,30 @@ def test_embeddings_of_another_size_are_refused_before_work(lake, tiny_models):
                       "models.embedder.dim=1536")
     with pytest.raises(Exception, match="size 64.*dim is 1536"):
         embed.run(cfg)
+
+
+def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
+    """A stage killed after its Ray work but before its commit leaves the tables as they
+    were; the rerun does the work once."""
+    cfg = lake["cfg"]
+    target = lake["manifest"][1]
+    with open(target["uri"], "wb") as f:
+        f.write(png(draw(Item("triangle", "purple", "small", "right", "grey"), 64, random.Random(4))))
+    assert ingest.run(cfg).written == 1
+    before = rows(cfg, "captions").to_pylist()
+
+    def killed(*a, **k):
+        raise RuntimeError("killed before commit")
+
+    monkeypatch.setattr(caption, "commit", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        caption.run(cfg)
+    assert rows(cfg, "captions").to_pylist() == before
+    monkeypatch.undo()
+    again = caption.run(cfg)
+    assert (again.written, again.rejected) == (1, 0)
+    ids = rows(cfg, "captions")["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == rows(cfg, "images").num_rows
+    assert embed.run(cfg).written == 1
+    keys = [(r["image_id"], r["kind"]) for r in rows(cfg, "embeddings", columns=["image_id", "kind"]).to_pylist()]
+    assert len(keys) == len(set(keys)) == 2 * len(ids)
