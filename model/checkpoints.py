@@ -1,0 +1,44 @@
+"""Loading the prior and the adapter, refusing checkpoints that do not fit the config.
+
+Both are diffusers models: `save_pretrained(dir)` writes config.json and safetensors,
+and `FusionDiffPrior.from_pretrained(dir)` loads one in a line. These helpers add the
+check that a deployment needs: a checkpoint whose sizes differ from the config is
+refused with what was expected and what was found, before any weights are read.
+"""
+from __future__ import annotations
+
+import os
+
+from model.prior import ControlAdapter, FusionDiffPrior
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def _compare(path: str, found: dict, expected: dict) -> None:
+    diff = [(k, v, found.get(k)) for k, v in expected.items() if found.get(k) != v]
+    if diff:
+        detail = "; ".join(f"{k}: expected {v!r}, found {f!r}" for k, v, f in diff)
+        raise CheckpointMismatch(f"checkpoint {path} does not match the config ({detail})")
+
+
+def load_prior(path: str, expected: dict | None = None, **kwargs) -> FusionDiffPrior:
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointMismatch(f"no prior checkpoint at {path} (config.json missing)")
+    found = FusionDiffPrior.load_config(path)
+    if found.get("_class_name") != FusionDiffPrior.__name__:
+        raise CheckpointMismatch(f"checkpoint {path} holds a {found.get('_class_name')}, not a FusionDiffPrior")
+    _compare(path, found, expected or {})
+    return FusionDiffPrior.from_pretrained(path, **kwargs)
+
+
+def load_adapter(path: str, prior: FusionDiffPrior, **kwargs) -> ControlAdapter:
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointMismatch(f"no Control-Adapter checkpoint at {path} (config.json missing)")
+    found = ControlAdapter.load_config(path)
+    if found.get("_class_name") != ControlAdapter.__name__:
+        raise CheckpointMismatch(f"checkpoint {path} holds a {found.get('_class_name')}, not a ControlAdapter")
+    expected = {k: v for k, v in dict(prior.config).items() if not k.startswith("_")}
+    _compare(path, {k: v for k, v in (found.get("prior_config") or {}).items()}, expected)
+    return ControlAdapter.from_pretrained(path, **kwargs)
