@@ -25,6 +25,7 @@ Prints progress, then as its last line one JSON object:
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.checkpoints import load_prior
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior
 from model.training import OptimConfig, make_optimizer, make_scheduler, train_step
@@ -137,14 +139,27 @@ def run_ablation(cfg, log=print) -> dict:
     sampling = SamplerConfig(**plain(cfg.sampling))
     prior = FusionDiffPrior(d_vl=d, cond_dim=COND_DIM, **plain(cfg.prior))
     log(f"[ablation] {len(world.items)} gallery items, d={d}, prior {sum(p.numel() for p in prior.parameters()):,} parameters")
-    train(prior, None, world, diffusion, OptimConfig(**plain(cfg.train_stage1)), a["stage1_steps"], a["batch_size"], g, "stage1", log)
+    cached = f"{cfg.run_dir}/stage1_prior"
+    if a["reuse_stage1"] and os.path.exists(f"{cached}/config.json"):
+        # Same config, same seed: the same Stage 1 prior, so Stage 2 experiments skip it.
+        prior = load_prior(cached, expected={k: v for k, v in dict(prior.config).items() if not k.startswith("_")})
+        log(f"[stage1] reused {cached}")
+    else:
+        train(prior, None, world, diffusion, OptimConfig(**plain(cfg.train_stage1)), a["stage1_steps"], a["batch_size"], g, "stage1", log)
+        prior.save_pretrained(cached)
     prior.eval().requires_grad_(False)
     adapter = ControlAdapter.from_prior(prior)
+    g = torch.Generator().manual_seed(cfg.seed + 2)  # Stage 2 draws the same whether Stage 1 ran or was reused
     train(prior, adapter, world, diffusion, OptimConfig(**plain(cfg.train_stage2)), a["stage2_steps"], a["batch_size"], g, "stage2", log)
     adapter.eval()
+    if a.get("_keep_models"):
+        return world, prior, adapter
+    return evaluate(world, prior, adapter, diffusion, sampling, a["num_queries"], cfg.seed + 1)
 
-    eval_g = torch.Generator().manual_seed(cfg.seed + 1)
-    zq, c, m, tgt, ref = world.queries(a["num_queries"], eval_g, held_out=True)
+
+def evaluate(world, prior, adapter, diffusion, sampling, num_queries: int, seed: int) -> dict:
+    eval_g = torch.Generator().manual_seed(seed)
+    zq, c, m, tgt, ref = world.queries(num_queries, eval_g, held_out=True)
     sampler = GuidedSampler(diffusion, sampling)
     results = {
         "query_only": recall(zq, world, tgt, ref),

@@ -10,7 +10,9 @@ Scale: f_M's vectors are unit vectors, so each coordinate is about 1/sqrt(d_VL) 
 the noise is N(0, I): at d_VL = 1536 the signal would vanish under the first few
 percent of the schedule. Vectors are therefore multiplied by `embedding_scale` (default
 sqrt(d_VL): unit variance per coordinate, as DALL-E 2's prior does) before noising, and
-samples are divided by it and L2-normalised before ranking. The paper leaves this,
+samples are divided by it and L2-normalised before ranking. z_{r,Delta} is scaled the
+same way before it reaches the adapter, which tokenises it with the prior's own
+projector: that projector was trained on scaled vectors. The paper leaves this,
 p_cfg and the number of training timesteps unstated; all three are in conf `diffusion`.
 """
 from __future__ import annotations
@@ -63,7 +65,10 @@ def diffusion_loss(prior: FusionDiffPrior, cfg: DiffusionConfig, z0: torch.Tenso
     t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator, device=device)
     x_t = scheduler.add_noise(x0, noise, t)
     drop = torch.rand(b, generator=generator, device=device) < cfg.p_cfg
-    pred = prior(x_t.to(prior.dtype), t, cond, cond_mask, drop_cond=drop, adapter=adapter, z_query=z_query,
+    if z_query is not None:
+        z_query = z_query.float() * cfg.scale(z_query.shape[-1])
+    pred = prior(x_t.to(prior.dtype), t, cond, cond_mask, drop_cond=drop, adapter=adapter,
+                 z_query=None if z_query is None else z_query.to(prior.dtype),
                  control_rows=~drop if adapter is not None else None)
     return F.mse_loss(pred.float(), noise)
 
@@ -126,6 +131,8 @@ class GuidedSampler:
         rep = (lambda t: None if t is None else t.repeat_interleave(s, dim=0))
         cond, cond_mask, z_query = rep(cond), rep(cond_mask), rep(z_query)
         d = prior.config.d_vl
+        if z_query is not None:
+            z_query = (z_query.float() * self.diffusion.scale(d)).to(prior.dtype)
         device = prior.device
         x = torch.randn((b * s, d), generator=generator, device=device)
         self.scheduler.set_timesteps(self.cfg.num_steps, device=device)

@@ -5,20 +5,15 @@ import ray
 
 from ops.caption import OUTPUT_SCHEMA, CaptionOp
 from ops.schemas import CAPTIONS
-from pipelines.common import StageSummary, init_ray, plain, prepare_models, write_staging
-from pipelines.lake import Lake, commit
+from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
 from pipelines.stages import keep_changed, read_table
 
 
 def run(cfg) -> StageSummary:
-    init_ray(cfg)
-    prepare_models(cfg)
-    lake = Lake.from_conf(cfg)
-    summary = StageSummary("caption")
-    summary.read = lake.count("images")
-    if summary.read == 0:
-        print("[caption] the images table is empty or missing: run ingest first")
-        return summary
+    started = begin_model_stage(cfg, "caption")
+    if started is None:
+        return StageSummary("caption")
+    lake, summary = started
     model = cfg.models.captioner
     staged = (
         read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"])
@@ -30,9 +25,7 @@ def run(cfg) -> StageSummary:
             compute=ray.data.ActorPoolStrategy(size=cfg.caption.num_actors), batch_size=cfg.caption.batch_size,
             batch_format="numpy", num_cpus=cfg.caption.num_cpus_per_actor, num_gpus=cfg.caption.num_gpus_per_actor)
     )
-    write_staging(staged, lake, "caption", OUTPUT_SCHEMA)
-    counts = commit(lake, "caption", "captions", ["image_id"], CAPTIONS)
-    lake.clear_staging("caption")
+    counts = stage_and_commit(staged, lake, "caption", OUTPUT_SCHEMA, "captions", ["image_id"], CAPTIONS)
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - summary.rejected
     return summary

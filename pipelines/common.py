@@ -68,10 +68,29 @@ class StageSummary:
                 f"rejected {self.rejected}{more} in {time.monotonic() - self.started:.1f}s")
 
 
-def write_staging(ds, lake: Lake, stage: str, schema) -> None:
-    """Streams a stage's output into its staging dataset (distributed Lance writes)."""
+def begin_model_stage(cfg, stage: str) -> tuple[Lake, StageSummary] | None:
+    """Start-up of a stage that runs a model over `images`; None when there is nothing to read."""
+    init_ray(cfg)
+    prepare_models(cfg)
+    lake = Lake.from_conf(cfg)
+    summary = StageSummary(stage)
+    summary.read = lake.count("images")
+    if summary.read == 0:
+        print(f"[{stage}] the images table is empty or missing: run ingest first")
+        return None
+    return lake, summary
+
+
+def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema) -> dict[str, int]:
+    """Streams a stage's output into its staging dataset (distributed Lance writes), then
+    commits it to `table` and `rejects` (pipelines.lake.commit) and empties the staging."""
     import lance_ray
 
+    from pipelines.lake import commit
+
     lake.clear_staging(stage)
-    lance_ray.write_lance(ds, lake.staging_uri(stage), schema=schema, mode="create",
+    lance_ray.write_lance(ds, lake.staging_uri(stage), schema=staged_schema, mode="create",
                           storage_options=lake.storage_options)
+    counts = commit(lake, stage, table, keys, schema)
+    lake.clear_staging(stage)
+    return counts

@@ -7,8 +7,8 @@ from transformers import AutoConfig
 
 from ops.embed import EmbeddingSizeError, EmbedOp, uses_short_caption
 from ops.schemas import embeddings_schema, with_reject_reason
-from pipelines.common import StageSummary, init_ray, plain, prepare_models, write_staging
-from pipelines.lake import Lake, check_vector_dim, commit, lookup, open_dataset
+from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
+from pipelines.lake import Lake, check_vector_dim, lookup, open_dataset
 from pipelines.stages import keep_changed, read_table
 
 
@@ -46,15 +46,11 @@ def check_embedder(cfg, lake: Lake) -> None:
 
 
 def run(cfg) -> StageSummary:
-    init_ray(cfg)
-    prepare_models(cfg)
-    lake = Lake.from_conf(cfg)
+    started = begin_model_stage(cfg, "embed")
+    if started is None:
+        return StageSummary("embed")
+    lake, summary = started
     check_embedder(cfg, lake)
-    summary = StageSummary("embed")
-    summary.read = lake.count("images")
-    if summary.read == 0:
-        print("[embed] the images table is empty or missing: run ingest first")
-        return summary
     model = cfg.models.embedder
     schema = embeddings_schema(model.dim)
     staged = (
@@ -71,9 +67,7 @@ def run(cfg) -> StageSummary:
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors), batch_size=cfg.embed.batch_size,
             batch_format="numpy", num_cpus=cfg.embed.num_cpus_per_actor, num_gpus=cfg.embed.num_gpus_per_actor)
     )
-    write_staging(staged, lake, "embed", with_reject_reason(schema))
-    counts = commit(lake, "embed", "embeddings", ["image_id", "kind"], schema)
-    lake.clear_staging("embed")
+    counts = stage_and_commit(staged, lake, "embed", with_reject_reason(schema), "embeddings", ["image_id", "kind"], schema)
     summary.written, summary.rejected = counts["written"] // 2, counts["rejected"]
     summary.extra["vectors"] = counts["written"]
     summary.skipped = summary.read - summary.written - summary.rejected

@@ -9,8 +9,8 @@ import ray
 from ops.ingest import OUTPUT_SCHEMA, IngestOp
 from ops.schemas import IMAGES
 from ops.storage import filesystem
-from pipelines.common import StageSummary, init_ray, plain, write_staging
-from pipelines.lake import Lake, commit
+from pipelines.common import StageSummary, init_ray, plain, stage_and_commit
+from pipelines.lake import Lake
 from pipelines.stages import keep_changed
 
 REQUIRED_COLUMNS = ("image_id", "uri")
@@ -73,9 +73,7 @@ def run(cfg) -> StageSummary:
             table_uri=lake.uri("images"), storage_options=lake.storage_options,
             compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"}))
     )
-    write_staging(staged, lake, "ingest", OUTPUT_SCHEMA)
-    counts = commit(lake, "ingest", "images", ["image_id"], IMAGES)
-    lake.clear_staging("ingest")
+    counts = stage_and_commit(staged, lake, "ingest", OUTPUT_SCHEMA, "images", ["image_id"], IMAGES)
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - counts["rejected"]
     return summary

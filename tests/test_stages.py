@@ -140,7 +140,9 @@ def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
     def killed(*a, **k):
         raise RuntimeError("killed before commit")
 
-    monkeypatch.setattr(caption, "commit", killed)
+    import pipelines.lake
+
+    monkeypatch.setattr(pipelines.lake, "commit", killed)
     with pytest.raises(RuntimeError, match="killed"):
         caption.run(cfg)
     assert rows(cfg, "captions").to_pylist() == before
