@@ -152,8 +152,6 @@ def run_ablation(cfg, log=print) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 2)  # Stage 2 draws the same whether Stage 1 ran or was reused
     train(prior, adapter, world, diffusion, OptimConfig(**plain(cfg.train_stage2)), a["stage2_steps"], a["batch_size"], g, "stage2", log)
     adapter.eval()
-    if a.get("_keep_models"):
-        return world, prior, adapter
     return evaluate(world, prior, adapter, diffusion, sampling, a["num_queries"], cfg.seed + 1)
 
 
