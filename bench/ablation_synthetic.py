@@ -155,9 +155,9 @@ def run_ablation(cfg, log=print) -> dict:
     return evaluate(world, prior, adapter, diffusion, sampling, a["num_queries"], cfg.seed + 1)
 
 
-def evaluate(world, prior, adapter, diffusion, sampling, num_queries: int, seed: int, held_out: bool = True) -> dict:
+def evaluate(world, prior, adapter, diffusion, sampling, num_queries: int, seed: int) -> dict:
     eval_g = torch.Generator().manual_seed(seed)
-    zq, c, m, tgt, ref = world.queries(num_queries, eval_g, held_out=held_out)
+    zq, c, m, tgt, ref = world.queries(num_queries, eval_g, held_out=True)
     sampler = GuidedSampler(diffusion, sampling)
     results = {
         "query_only": recall(zq, world, tgt, ref),

@@ -37,7 +37,7 @@ def plain_loop(n: int) -> dict:
     from pipelines.synthetic import make_catalogue
 
     torch.set_num_threads(1)  # as a Ray actor with num_cpus=1 runs
-    cfg = load_config(CONFIGS, [f"run_dir=runs/bench/loop", f"synthetic.num_images={n}"])
+    cfg = load_config(CONFIGS, ["run_dir=runs/bench/loop", f"synthetic.num_images={n}"])
     prepare_models(cfg)
     uris = make_catalogue(cfg.synthetic.out_dir, n, cfg.synthetic.image_size, 0, 1, cfg.seed)
     manifest = pq.read_table(uris["manifest"]).to_pydict()

@@ -40,5 +40,5 @@ def load_adapter(path: str, prior: FusionDiffPrior, **kwargs) -> ControlAdapter:
     if found.get("_class_name") != ControlAdapter.__name__:
         raise CheckpointMismatch(f"checkpoint {path} holds a {found.get('_class_name')}, not a ControlAdapter")
     expected = {k: v for k, v in dict(prior.config).items() if not k.startswith("_")}
-    _compare(path, {k: v for k, v in (found.get("prior_config") or {}).items()}, expected)
+    _compare(path, found.get("prior_config") or {}, expected)
     return ControlAdapter.from_pretrained(path, **kwargs)

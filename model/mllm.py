@@ -105,6 +105,12 @@ def load_mllm(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     return MLLM(model, processor, name_or_path, torch.device(device), image_min_pixels, image_max_pixels)
 
 
+def load_mllm_from_conf(m: dict) -> MLLM:
+    """`load_mllm` from a `models.<role>` section of conf (a plain dict)."""
+    return load_mllm(m["name_or_path"], dtype=m["dtype"], device=m["device"],
+                     image_min_pixels=m["image_min_pixels"], image_max_pixels=m["image_max_pixels"])
+
+
 def _user_turn(image: Image.Image | None, text: str | None) -> dict:
     content = []
     if image is not None:

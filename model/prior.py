@@ -179,7 +179,7 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
     # -- pieces shared with the Control-Adapter --------------------------------------
     def tokens(self, z: torch.Tensor) -> torch.Tensor:
         """R^d_VL -> (B, tokens, hidden): project, patchify, embed, add positions."""
-        c, s, p = self.config.map_channels, self.config.map_size, self.config.patch_size
+        c, p = self.config.map_channels, self.config.patch_size
         h = self.projector(z).view(-1, c, self.side, p, self.side, p)
         patches = h.permute(0, 2, 4, 1, 3, 5).reshape(-1, self.side * self.side, c * p * p)
         return self.patch_embed(patches) + self.pos_embed.to(patches.dtype)
@@ -214,7 +214,9 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         cond, cond_mask: text tokens (B, K, cond_dim) and their mask (True = real token).
         drop_cond: (B,) rows whose text is replaced by the null condition (CFG).
         adapter, z_query, control_rows, control_scale: Stage 2 (see ControlAdapter);
-            control_rows (B,) selects the rows the adapter acts on, None = all rows.
+            control_rows (B,) selects the rows the adapter acts on, None = all rows;
+            z_query holds either one row per batch row or one per selected row (the
+            guided sampler passes the latter: the conditional half only).
         """
         if z_n.shape[-1] != self.config.d_vl:
             raise ValueError(f"z_n has size {z_n.shape[-1]}, the prior expects d_vl={self.config.d_vl}")

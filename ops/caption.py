@@ -3,23 +3,18 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from model.mllm import Captioner, load_mllm
+from model.mllm import Captioner, load_mllm_from_conf
 from ops.images import ImageRejected, load_image
 from ops.schemas import CAPTIONS, with_reject_reason
 
 OUTPUT_SCHEMA = with_reject_reason(CAPTIONS)
 
 
-def load_model_from_conf(m: dict):
-    return load_mllm(m["name_or_path"], dtype=m["dtype"], device=m["device"],
-                     image_min_pixels=m["image_min_pixels"], image_max_pixels=m["image_max_pixels"])
-
-
 class CaptionOp:
     """Loads the captioner once (per Ray actor) and captions one batch per call."""
 
     def __init__(self, model: dict, caption: dict, s3: dict | None):
-        self.captioner = Captioner(load_model_from_conf(model))
+        self.captioner = Captioner(load_mllm_from_conf(model))
         self.model_name = model["name_or_path"]
         self.conf = caption
         self.s3 = s3

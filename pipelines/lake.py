@@ -137,7 +137,7 @@ def _dedupe_keys(reader: pa.RecordBatchReader, keys: Sequence[str]) -> pa.Record
 
 
 def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, reader: pa.RecordBatchReader) -> int:
-    reader = _dedupe_keys(reader.cast(schema) if hasattr(reader, "cast") else reader, keys)
+    reader = _dedupe_keys(reader.cast(schema), keys)
     counter = {"n": 0}
 
     def counted():

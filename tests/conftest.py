@@ -24,7 +24,7 @@ def tiny_models(tmp_path_factory):
     return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
 
 
-def test_config(run_dir, tiny_models, *extra):
+def tiny_config(run_dir, tiny_models, *extra):
     """The demo config under `run_dir`, with the session's tiny models and small batches."""
     return load_config("conf/demo.yaml", [
         f"run_dir={run_dir}",

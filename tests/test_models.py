@@ -1,7 +1,6 @@
 """The model wrappers on the tiny offline models: f_M, the captioner, the text encoder."""
 import pytest
 import torch
-from PIL import Image
 
 from model.mllm import Captioner, FusedEmbedder, load_mllm
 from model.text_encoder import TextEncoder

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 from ops.storage import filesystem, lance_storage_options
 from pipelines import caption, embed, ingest
 from pipelines.synthetic import make_catalogue
-from tests.conftest import test_config as make_config
+from tests.conftest import tiny_config as make_config
 
 
 def test_stages_round_trip_through_s3(tmp_path, tiny_models, ray_local, s3_server):

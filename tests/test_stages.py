@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import caption, embed, ingest
+from ops.embed import EmbeddingSizeError
 from pipelines.ingest import ManifestError
-from pipelines.lake import TableError
 from pipelines.synthetic import Item, draw, make_catalogue, png
 from tests.badfiles import write_bad_files
-from tests.conftest import test_config as make_config
+from tests.conftest import tiny_config as make_config
 
 
 def run_all(cfg):
@@ -123,7 +123,7 @@ def test_manifest_without_a_required_column_is_refused_by_name(tmp_path, tiny_mo
 def test_embeddings_of_another_size_are_refused_before_work(lake, tiny_models):
     cfg = make_config(lake["root"], tiny_models, f"catalogue.manifest={lake['root']}/manifest.parquet",
                       "models.embedder.dim=1536")
-    with pytest.raises(Exception, match="size 64.*dim is 1536"):
+    with pytest.raises(EmbeddingSizeError, match="size 64.*dim is 1536"):
         embed.run(cfg)
 
 
