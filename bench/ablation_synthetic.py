@@ -145,12 +145,12 @@ def run_ablation(cfg, log=print) -> dict:
         prior = load_prior(cached, expected={k: v for k, v in dict(prior.config).items() if not k.startswith("_")})
         log(f"[stage1] reused {cached}")
     else:
-        train(prior, None, world, diffusion, OptimConfig(**plain(cfg.train_stage1)), a["stage1_steps"], a["batch_size"], g, "stage1", log)
+        train(prior, None, world, diffusion, OptimConfig.from_conf(plain(cfg.train_stage1)), a["stage1_steps"], a["batch_size"], g, "stage1", log)
         prior.save_pretrained(cached)
     prior.eval().requires_grad_(False)
     adapter = ControlAdapter.from_prior(prior)
     g = torch.Generator().manual_seed(cfg.seed + 2)  # Stage 2 draws the same whether Stage 1 ran or was reused
-    train(prior, adapter, world, diffusion, OptimConfig(**plain(cfg.train_stage2)), a["stage2_steps"], a["batch_size"], g, "stage2", log)
+    train(prior, adapter, world, diffusion, OptimConfig.from_conf(plain(cfg.train_stage2)), a["stage2_steps"], a["batch_size"], g, "stage2", log)
     adapter.eval()
     return evaluate(world, prior, adapter, diffusion, sampling, a["num_queries"], cfg.seed + 1)
 

@@ -67,8 +67,10 @@ def diffusion_loss(prior: FusionDiffPrior, cfg: DiffusionConfig, z0: torch.Tenso
     drop = torch.rand(b, generator=generator, device=device) < cfg.p_cfg
     if z_query is not None:
         z_query = z_query.float() * cfg.scale(z_query.shape[-1])
-    pred = prior(x_t.to(prior.dtype), t, cond, cond_mask, drop_cond=drop, adapter=adapter,
-                 z_query=None if z_query is None else z_query.to(prior.dtype),
+    # `prior` may be wrapped (DDP): its parameters, not its attributes, give the dtype.
+    dtype = next(prior.parameters()).dtype
+    pred = prior(x_t.to(dtype), t, cond, cond_mask, drop_cond=drop, adapter=adapter,
+                 z_query=None if z_query is None else z_query.to(dtype),
                  control_rows=~drop if adapter is not None else None)
     return F.mse_loss(pred.float(), noise)
 

@@ -47,3 +47,24 @@ class TextEncoder:
             hidden = out.last_hidden_state
         mask = batch["attention_mask"].bool()
         return hidden.float() * mask.unsqueeze(-1), mask
+
+
+def text_encoder_dim(text_encoder: dict, embedder: dict) -> int:
+    """The condition size the prior is built for, read from the encoder's config alone
+    (no weights loaded): T5's d_model, or the fused embedder's hidden size."""
+    from transformers import AutoConfig
+
+    if text_encoder["kind"] == "mllm":
+        return AutoConfig.from_pretrained(embedder["name_or_path"]).get_text_config().hidden_size
+    return AutoConfig.from_pretrained(text_encoder["name_or_path"]).d_model
+
+
+def load_text_encoder_from_conf(text_encoder: dict, embedder: dict, device: str | None = None) -> TextEncoder:
+    """conf `models.text_encoder` (and `models.embedder`, whose MLLM is the encoder when kind is mllm)."""
+    from model.mllm import load_mllm_from_conf
+
+    mllm = None
+    if text_encoder["kind"] == "mllm":
+        mllm = load_mllm_from_conf({**embedder, **({"device": device} if device else {})})
+    return TextEncoder(text_encoder["kind"], text_encoder["name_or_path"], text_encoder["max_tokens"],
+                       text_encoder["dtype"], device or text_encoder["device"], mllm=mllm)

@@ -6,11 +6,14 @@ synthetic ablation call the same functions.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,11 @@ class OptimConfig:
     lr_schedule: str
     batch_size: int
     epochs: int
+
+    @classmethod
+    def from_conf(cls, section: dict) -> "OptimConfig":
+        """The optimiser's fields of a `train_stage*` section (which also holds run knobs)."""
+        return cls(**{f.name: section[f.name] for f in fields(cls)})
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -63,3 +71,67 @@ def train_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scheduler, params
     opt.step()
     scheduler.step()
     return float(norm)
+
+
+class EMA:
+    """An exponential moving average of a model's weights (DiT samples from one).
+
+    The paper does not mention EMA; it is off unless `ema_decay` > 0 in conf.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()
+                       if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        model.load_state_dict({k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()})
+
+
+# Training state on disk: tensors in safetensors (never pickles, DESIGN.md), the rest
+# in JSON. The model itself is saved with save_pretrained beside it.
+OPTIMIZER_FILE = "optimizer.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "train_state.json"
+
+
+def save_training_state(path: str, opt: torch.optim.Optimizer, scheduler, ema: EMA | None, state: dict) -> None:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, OPTIMIZER_FILE))
+    if ema is not None:
+        save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, os.path.join(path, EMA_FILE))
+    with open(os.path.join(path, STATE_FILE), "w") as f:
+        json.dump({**state, "optimizer_param_groups": sd["param_groups"], "optimizer_scalars": scalars,
+                   "scheduler": scheduler.state_dict()}, f)
+
+
+def load_training_state(path: str, opt: torch.optim.Optimizer, scheduler, ema: EMA | None) -> dict:
+    """Restores the optimiser, scheduler and EMA saved by save_training_state; returns the
+    rest of the saved state (step, epoch, metrics...)."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(path, OPTIMIZER_FILE))
+    slots: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(state.pop("optimizer_scalars").items()):
+        idx, name = key.split(".", 1)
+        slots.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_param_groups")})
+    scheduler.load_state_dict(state.pop("scheduler"))
+    if ema is not None and os.path.exists(os.path.join(path, EMA_FILE)):
+        ema.shadow = {k: v.float() for k, v in load_file(os.path.join(path, EMA_FILE)).items()}
+    return state

@@ -54,6 +54,46 @@ def with_reject_reason(schema: pa.Schema) -> pa.Schema:
     return schema.append(REJECT_REASON)
 
 
-def vector_dim(schema: pa.Schema) -> int | None:
-    t = schema.field("vector").type if "vector" in schema.names else None
+def vector_dim(schema: pa.Schema, column: str = "vector") -> int | None:
+    t = schema.field(column).type if column in schema.names else None
     return t.list_size if t is not None and pa.types.is_fixed_size_list(t) else None
+
+
+def _vector(name: str, dim: int) -> pa.Field:
+    return pa.field(name, pa.list_(pa.float32(), dim))
+
+
+# Text conditions stored flattened (ops/conditions.py); null when the training worker
+# encodes the text itself (train.text_conditions: worker).
+COND_COLUMNS = [pa.field("text_encoder", pa.string()), pa.field("cond_tokens", pa.list_(pa.float32())),
+                pa.field("cond_len", pa.int32())]
+
+
+def stage1_examples_schema(dim: int) -> pa.Schema:
+    """`stage1_examples` (image_id): Stage 1 pairs with their precomputed text condition."""
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("sha256", pa.string()),
+        pa.field("text", pa.string()),
+        _vector("vector", dim),
+        *COND_COLUMNS,
+    ])
+
+
+def triplet_embeddings_schema(dim: int) -> pa.Schema:
+    """`triplet_embeddings` (triplet_id): Stage 2's inputs, z_{r,Delta} = f_M(I_r, T_Delta)
+    and z_t = f_M(I_t, T_t), with the condition text (and its tokens when precomputed)."""
+    return pa.schema([
+        pa.field("triplet_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string()),
+        pa.field("target_uri", pa.string()),
+        pa.field("source_sha256", pa.string()),
+        pa.field("target_sha256", pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("target_description", pa.string()),
+        pa.field("cond_text", pa.string()),
+        pa.field("model", pa.string()),
+        _vector("z_query", dim),
+        _vector("z_target", dim),
+        *COND_COLUMNS,
+    ])

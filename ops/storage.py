@@ -68,3 +68,22 @@ def write_bytes(uri: str, data: bytes, s3: dict | None) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def copy_dir(src: str, dst: str, s3: dict | None) -> None:
+    """Copies a folder between local paths and s3:// URIs (either side), replacing files of the same name."""
+    sfs, spath = filesystem(src, s3)
+    dfs, dpath = filesystem(dst, s3)
+    if not is_s3(dst):
+        os.makedirs(dpath, exist_ok=True)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
+
+
+def local_copy(uri: str, s3: dict | None, cache_dir: str) -> str:
+    """A local folder holding `uri`'s files: the path itself when local, else a download
+    into `cache_dir` (from_pretrained reads local folders only)."""
+    if not is_s3(uri):
+        return uri
+    dst = os.path.join(cache_dir, uri[len("s3://"):].replace("/", "_"))
+    copy_dir(uri, dst, s3)
+    return dst

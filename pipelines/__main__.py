@@ -9,12 +9,17 @@ import time
 
 from pipelines.config import ConfigError, load_config
 
-STAGES = ("synth", "ingest", "caption", "embed", "run", "demo")
+STAGES = ("synth", "ingest", "caption", "embed", "triplets", "conditions", "train_stage1", "train_stage2",
+          "run", "demo")
 HELP = {
     "synth": "draw the synthetic catalogue (images, manifest, triplets, queries)",
     "ingest": "manifest -> images table",
     "caption": "images -> captions table (only images without a caption for their bytes)",
     "embed": "images + captions -> embeddings table (kinds image and pair)",
+    "triplets": "edit triplets -> triplet_embeddings (Stage 2's inputs, incremental)",
+    "conditions": "pairs -> stage1_examples with text tokens (train.text_conditions: precomputed)",
+    "train_stage1": "Ray Train: the prior on embeddings[pair] (resumes its run)",
+    "train_stage2": "Ray Train: the Control-Adapter on triplet_embeddings, prior frozen",
     "run": "the whole DAG so far: [synth], ingest, caption, embed",
     "demo": "`run` on conf/demo.yaml, then says where everything is",
 }
@@ -59,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from model.checkpoints import CheckpointMismatch
     from ops.images import ImageRejected
     from ops.embed import EmbeddingSizeError
     from pipelines.ingest import ManifestError
     from pipelines.lake import TableError
+    from pipelines.train import TrainingError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -74,11 +81,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[demo] tables: {cfg.storage.root}/{{images,captions,embeddings,rejects}}.lance")
                 print("[demo] the models are tiny and random: the captions and vectors carry no meaning, "
                       "they show that every stage runs on real components")
+        elif args.stage.startswith("train_"):
+            from pipelines import train
+
+            print(train.run(cfg, args.stage.removeprefix("train_")).line())
         else:
             import importlib
 
             print(importlib.import_module(f"pipelines.{args.stage}").run(cfg).line())
-    except (ConfigError, ManifestError, EmbeddingSizeError, TableError, ImageRejected) as e:
+    except (ConfigError, ManifestError, EmbeddingSizeError, TableError, ImageRejected, TrainingError,
+            CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,9 @@ def init_ray(cfg) -> None:
     ctx_env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
     kwargs = dict(runtime_env={"env_vars": ctx_env}, log_to_driver=True, include_dashboard=False)
     if cfg.ray.address:
+        # A cluster (or a `ray job submit` job) brings its own runtime env: passing one
+        # here would replace the job's working_dir.
+        kwargs.pop("runtime_env")
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
@@ -68,20 +71,26 @@ class StageSummary:
                 f"rejected {self.rejected}{more} in {time.monotonic() - self.started:.1f}s")
 
 
-def begin_model_stage(cfg, stage: str) -> tuple[Lake, StageSummary] | None:
-    """Start-up of a stage that runs a model over `images`; None when there is nothing to read."""
+def begin_model_stage(cfg, stage: str, source: str | None = "images", source_filter: str | None = None,
+                      needs: str = "ingest") -> tuple[Lake, StageSummary] | None:
+    """Start-up of a stage that runs a model over the table `source`; None when that
+    table is empty (the stage before, `needs`, has not run). source None: the stage
+    reads a file and counts it itself."""
     init_ray(cfg)
     prepare_models(cfg)
     lake = Lake.from_conf(cfg)
     summary = StageSummary(stage)
-    summary.read = lake.count("images")
+    if source is None:
+        return lake, summary
+    summary.read = lake.count(source, source_filter)
     if summary.read == 0:
-        print(f"[{stage}] the images table is empty or missing: run ingest first")
+        print(f"[{stage}] the {source} table is empty or missing: run {needs} first")
         return None
     return lake, summary
 
 
-def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema) -> dict[str, int]:
+def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema,
+                     reject_key: str = "image_id") -> dict[str, int]:
     """Streams a stage's output into its staging dataset (distributed Lance writes), then
     commits it to `table` and `rejects` (pipelines.lake.commit) and empties the staging."""
     import lance_ray
@@ -91,6 +100,6 @@ def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys
     lake.clear_staging(stage)
     lance_ray.write_lance(ds, lake.staging_uri(stage), schema=staged_schema, mode="create",
                           storage_options=lake.storage_options)
-    counts = commit(lake, stage, table, keys, schema)
+    counts = commit(lake, stage, table, keys, schema, reject_key=reject_key)
     lake.clear_staging(stage)
     return counts

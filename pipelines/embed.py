@@ -33,16 +33,16 @@ def attach_captions(batch: pa.Table, captions_uri: str, storage_options: dict, s
         "pair_caption_kind", pa.array(kinds, pa.string()))
 
 
-def check_embedder(cfg, lake: Lake) -> None:
-    """Refuses a wrong-sized embedder or table before any image is read."""
+def check_embedder(cfg, lake: Lake, table: str = "embeddings", column: str = "vector") -> None:
+    """Refuses a wrong-sized embedder or table (of the embedder's vectors) before any image is read."""
     model = cfg.models.embedder
     found = AutoConfig.from_pretrained(model.name_or_path).get_text_config().hidden_size
     if found != model.dim:
         raise EmbeddingSizeError(f"embedder {model.name_or_path!r} gives vectors of size {found}, "
                                  f"but models.embedder.dim is {model.dim}: fix the config or the checkpoint")
-    table = lake.open("embeddings")
-    if table is not None:
-        check_vector_dim(table, model.dim, lake.uri("embeddings"))
+    ds = lake.open(table)
+    if ds is not None:
+        check_vector_dim(ds, model.dim, lake.uri(table), column)
 
 
 def run(cfg) -> StageSummary:

@@ -20,29 +20,32 @@ class ManifestError(ValueError):
     pass
 
 
-def read_manifest(uri: str, s3: dict) -> ray.data.Dataset:
+def read_manifest(uri: str, s3: dict, required=REQUIRED_COLUMNS, optional=("caption",),
+                  what: str = "manifest") -> ray.data.Dataset:
+    """A Parquet or CSV table of string columns (`what` names it in errors): `required`
+    ones must be there, `optional` ones are kept when they are."""
     fs, path = filesystem(uri, s3)
     try:
         info = fs.get_file_info(path)
     except OSError as e:
-        raise ManifestError(f"manifest {uri}: cannot be read: {e}") from None
+        raise ManifestError(f"{what} {uri}: cannot be read: {e}") from None
     if info.type.name == "NotFound":
-        raise ManifestError(f"manifest {uri} does not exist")
+        raise ManifestError(f"{what} {uri} does not exist")
     if uri.endswith(".csv"):
         # ids like 00012 must stay strings, not become the integer 12
-        opts = pacsv.ConvertOptions(column_types={"image_id": pa.string(), "uri": pa.string(), "caption": pa.string()},
+        opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in (*required, *optional)},
                                     strings_can_be_null=True)
         ds = ray.data.read_csv(path, filesystem=fs, convert_options=opts)
     elif uri.endswith(".parquet") or info.type.name == "Directory":
         ds = ray.data.read_parquet(path, filesystem=fs)
     else:
-        raise ManifestError(f"manifest {uri}: expected a .parquet file or folder, or a .csv file")
+        raise ManifestError(f"{what} {uri}: expected a .parquet file or folder, or a .csv file")
     names = ds.schema().names
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    missing = [c for c in required if c not in names]
     if missing:
-        raise ManifestError(f"manifest {uri} has no column {missing[0]!r} (columns: {', '.join(names)}); "
-                            f"required: {', '.join(REQUIRED_COLUMNS)}")
-    columns = [c for c in ("image_id", "uri", "caption") if c in names]
+        raise ManifestError(f"{what} {uri} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                            f"required: {', '.join(required)}")
+    columns = [c for c in (*required, *optional) if c in names]
     return ds.select_columns(columns)
 
 

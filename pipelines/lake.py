@@ -83,8 +83,8 @@ def lookup(ds: lance.LanceDataset | None, ids: Sequence[str], columns: Sequence[
     return {r[key]: r for r in table.to_pylist()}
 
 
-def check_vector_dim(ds: lance.LanceDataset, expected: int, table: str) -> None:
-    found = vector_dim(ds.schema)
+def check_vector_dim(ds: lance.LanceDataset, expected: int, table: str, column: str = "vector") -> None:
+    found = vector_dim(ds.schema, column)
     if found != expected:
         raise TableError(f"table {table!r} holds vectors of size {found}, but models.embedder.dim is {expected}: "
                          f"a different embedder wrote it; point storage.root elsewhere or fix the config")
@@ -155,9 +155,9 @@ def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, read
         if ds.schema.remove_metadata() != schema.remove_metadata():
             raise TableError(f"table {lake.uri(table)} has schema {ds.schema} but this stage writes {schema}")
         (ds.merge_insert(list(keys)).when_matched_update_all().when_not_matched_insert_all().execute(source))
-    if counter["n"] and "image_id" in keys and not _has_index(ds, "image_id"):
-        # Per-batch lookups by image_id (incremental stages) use this index.
-        ds.create_scalar_index("image_id", index_type="BTREE")
+    if counter["n"] and table != "rejects" and not _has_index(ds, keys[0]):
+        # Per-batch lookups by key (image_id, triplet_id: the incremental stages) use this index.
+        ds.create_scalar_index(keys[0], index_type="BTREE")
     return counter["n"]
 
 

@@ -1,0 +1,386 @@
+"""Stages `train_stage1` and `train_stage2`: Ray Train runs of the two training stages.
+
+Stage 1 trains the prior on (z_0 = f_M(I, T), c = E_text(T)) pairs from `embeddings`
+(kind pair) or, with precomputed conditions, `stage1_examples`. Stage 2 freezes a
+Stage 1 prior and trains the Control-Adapter on `triplet_embeddings` (z_0 = z_t, with
+z_{r,Delta} and the condition text). Both are one `TorchTrainer` over Ray Data shards:
+DDP across workers, bf16 autocast on GPU, the optimiser and schedule of
+model/training.py, checkpoints every `train.checkpoint_every` steps.
+
+Resume: a run is Ray Train's (storage, name); rerunning the same name, or Ray Train
+restarting failed workers (`train.max_failures`), starts from the newest checkpoint,
+whose step count continues. A non-finite loss stops every worker at the same step (a
+flag all-reduced with the loss) before any weight is touched; the last good checkpoint
+stays and the driver raises TrainingError.
+
+Everything that can be checked before a worker starts is: an empty table, a batch
+larger than the table, a Stage 1 checkpoint of another size, a run folder whose
+checkpoints were made with another model size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from omegaconf import OmegaConf
+
+from model.checkpoints import CheckpointMismatch, load_prior
+from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
+from model.prior import ControlAdapter, FusionDiffPrior
+from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim
+from model.training import EMA, OptimConfig, load_training_state, make_optimizer, make_scheduler, save_training_state, train_step
+from ops.conditions import conditions_from_columns
+from ops.plots import line_chart_png
+from ops.storage import copy_dir, filesystem, local_copy, write_bytes
+from pipelines.common import init_ray, plain, prepare_models
+from pipelines.lake import Lake, check_vector_dim
+from pipelines.stages import read_table
+from pipelines.triplets import text_encoder_name
+
+STAGES = ("stage1", "stage2")
+MODEL_DIR, EMA_MODEL_DIR = "model", "ema_model"
+
+
+class TrainingError(ValueError):
+    pass
+
+
+@dataclass
+class TrainSummary:
+    """The one line a training stage ends with."""
+
+    stage: str
+    rows: int
+    resumed_from: int
+    step: int
+    total: int
+    restarts: int
+    loss: float
+    output: str
+    started: float
+
+    def line(self) -> str:
+        return (f"[{self.stage}] read {self.rows} rows, trained steps {self.resumed_from}-{self.step} of {self.total}, "
+                f"worker restarts {self.restarts}, final loss {self.loss:.4f} in "
+                f"{time.monotonic() - self.started:.1f}s; model: {self.output}")
+
+
+def _source(cfg, stage: str) -> tuple[str, str | None, list[str], str]:
+    """(table, filter, columns, what to run first) of a stage's training rows."""
+    precomputed = cfg.train.text_conditions == "precomputed"
+    encoder = text_encoder_name(cfg).replace("'", "''")
+    if stage == "stage1":
+        if precomputed:
+            return ("stage1_examples", f"text_encoder = '{encoder}'", ["vector", "cond_tokens", "cond_len"],
+                    "`conditions` (train.text_conditions is precomputed)")
+        return "embeddings", "kind = 'pair'", ["vector", "text"], "`embed`"
+    cols = ["z_query", "z_target", "cond_text"]
+    if precomputed:
+        return ("triplet_embeddings", f"text_encoder = '{encoder}'", cols + ["cond_tokens", "cond_len"],
+                "`triplets` (train.text_conditions is precomputed)")
+    return "triplet_embeddings", None, cols, "`triplets`"
+
+
+def _prior_config(cfg) -> dict:
+    cond_dim = text_encoder_dim(plain(cfg.models.text_encoder), plain(cfg.models.embedder))
+    return {"d_vl": cfg.models.embedder.dim, "cond_dim": cond_dim, **plain(cfg.prior)}
+
+
+def _expected(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _newest_checkpoint(storage: str, run_name: str, s3: dict) -> str | None:
+    """The newest checkpoint folder of a run (Ray Train names them checkpoint_<time>)."""
+    fs, path = filesystem(f"{storage.rstrip('/')}/{run_name}", s3)
+    from pyarrow.fs import FileSelector
+
+    try:
+        infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(i.base_name for i in infos if i.type.name == "Directory" and i.base_name.startswith("checkpoint_"))
+    return f"{storage.rstrip('/')}/{run_name}/{names[-1]}" if names else None
+
+
+def _stop_marker(cfg, stage: str) -> str:
+    """Written by a run that stopped itself (a non-finite loss); read by the driver."""
+    return f"{cfg.train.storage.rstrip('/')}/{cfg[f'train_{stage}'].run_name}/stopped.json"
+
+
+def _read_json(uri: str, s3: dict) -> dict | None:
+    fs, path = filesystem(uri, s3)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
+    """A run folder whose checkpoints hold a model of another size is refused: resuming
+    it would fail deep inside load_state_dict on every worker."""
+    sc = cfg[f"train_{stage}"]
+    newest = _newest_checkpoint(cfg.train.storage, sc.run_name, s3)
+    if newest is None:
+        return
+    found = _read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
+    found = found if stage == "stage1" else (found.get("prior_config") or {})
+    diff = {k: (v, found.get(k)) for k, v in _expected(prior_config).items() if found.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: config {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointMismatch(f"run {sc.run_name!r} under {cfg.train.storage} has checkpoints of another model "
+                                 f"({detail}): choose another train_{stage}.run_name or fix the config")
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _batch_tensors(batch: dict, stage: str, encoder, cond_dim: int, device) -> tuple:
+    """(z_0, z_query or None, c, c_mask) of a numpy batch."""
+    def vectors(col):
+        v = batch[col]
+        return torch.from_numpy(np.stack(v) if v.dtype == object else v).float().to(device)
+
+    z0 = vectors("vector" if stage == "stage1" else "z_target")
+    zq = vectors("z_query") if stage == "stage2" else None
+    if "cond_tokens" in batch:
+        c, m = conditions_from_columns(batch["cond_tokens"], batch["cond_len"], cond_dim)
+    else:
+        c, m = encoder.encode([str(t) for t in batch["text" if stage == "stage1" else "cond_text"]])
+        c, m = c.clone(), m.clone()  # the encoder runs in inference mode; autograd needs plain tensors
+    return z0, zq, c.to(device), m.to(device)
+
+
+def _finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:
+    """The loss averaged over workers, and whether every worker's loss was finite:
+    one all-reduce, so that all workers stop at the same step."""
+    finite = bool(torch.isfinite(loss))
+    if world == 1:
+        return float(loss), finite
+    t = torch.tensor([float(loss) if finite else 0.0, 0.0 if finite else 1.0], device=device)
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / world, float(t[1]) == 0.0
+
+
+def _maybe_inject_failure(cfg, stage: str, step: int, rank: int, world: int) -> None:
+    """train.fail_at_step: the last worker raises once (a marker under run_dir says it did)."""
+    if cfg.train.fail_at_step != step or rank != world - 1:
+        return
+    marker = os.path.join(cfg.run_dir, f".injected_failure_{stage}_{cfg[f'train_{stage}'].run_name}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    open(marker, "w").close()
+    raise RuntimeError(f"injected failure at step {step} on worker {rank} (train.fail_at_step)")
+
+
+def _save_checkpoint(model, opt, sched, ema: EMA | None, state: dict, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(os.path.join(d, MODEL_DIR))
+        if ema is not None:
+            shadow = type(model).from_config(model.config)
+            ema.copy_to(shadow)
+            shadow.save_pretrained(os.path.join(d, EMA_MODEL_DIR))
+        save_training_state(d, opt, sched, ema, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop(config: dict) -> None:
+    cfg = OmegaConf.create(config["cfg"])
+    stage, total, per_epoch = config["stage"], config["total_steps"], config["steps_per_epoch"]
+    sc, tc = cfg[f"train_{stage}"], cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    prior_config = config["prior_config"]
+    if stage == "stage1":
+        prior = model = FusionDiffPrior(**prior_config)
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            prior = load_prior(local_copy(sc.prior, plain(cfg.storage.s3), cache), expected=_expected(prior_config))
+        prior.requires_grad_(False).eval()
+        model = ControlAdapter.from_prior(prior)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(type(model).from_pretrained(os.path.join(d, MODEL_DIR)).state_dict())
+    prior.to(device)
+    model.to(device)
+    optim = OptimConfig.from_conf(plain(sc))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optim)
+    sched = make_scheduler(opt, optim, total)
+    ema = EMA(model, sc.ema_decay) if sc.ema_decay > 0 and rank == 0 else None
+    state = {"stage": stage, "step": 0, "metrics": []}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(d, opt, sched, ema)
+        state.setdefault("resumes", []).append(state["step"])
+    # Stage 2: rows whose condition is dropped skip the adapter, so some batches leave
+    # its parameters unused; DDP must be told.
+    wrapped = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": stage == "stage2"})
+    encoder = None
+    if tc.text_conditions == "worker":
+        encoder = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder),
+                                              device=str(device))
+    diffusion = DiffusionConfig(**plain(cfg.diffusion))
+    noise_sched = ddpm_scheduler(diffusion)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tc.use_gpu and tc.autocast_bf16)
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = sc.batch_size // world
+    if rank == 0 and state["step"]:
+        print(f"[train_{stage}] resuming at step {state['step']}/{total}", flush=True)
+    tick, last_loss = time.perf_counter(), None
+    while state["step"] < total:
+        start_step, skip = state["step"], state["step"] % per_epoch
+        batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=tc.shuffle_buffer or None)
+        for i, batch in enumerate(batches):
+            # Every worker consumes its whole shard each epoch (Ray Data's split expects
+            # it); batches done before a resume, or past the epoch's steps, are skipped.
+            if i < skip or i >= per_epoch or state["step"] >= total:
+                continue
+            step = state["step"]
+            _maybe_inject_failure(cfg, stage, step, rank, world)
+            z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
+            with torch.autocast(**autocast):
+                if stage == "stage1":
+                    loss = diffusion_loss(wrapped, diffusion, z0, c, m, generator=gen, scheduler=noise_sched)
+                else:
+                    loss = diffusion_loss(prior, diffusion, z0, c, m, adapter=wrapped, z_query=zq,
+                                          generator=gen, scheduler=noise_sched)
+            if tc.nan_at_step == step:
+                loss = loss * float("nan")
+            mean_loss, finite = _finite_mean(loss.detach(), world, device)
+            if not finite:
+                if rank == 0:
+                    write_bytes(_stop_marker(cfg, stage), json.dumps(
+                        {"step": step, "loss": float(loss), "reason": "non-finite loss"}).encode(), plain(cfg.storage.s3))
+                return
+            grad_norm = train_step(loss, opt, sched, params, optim.grad_clip)
+            if ema is not None:
+                ema.update(model)
+            state["step"] = step + 1
+            now = time.perf_counter()
+            row = {"step": step + 1, "epoch": step // per_epoch, "loss": mean_loss, "lr": sched.get_last_lr()[0],
+                   "grad_norm": grad_norm, "samples_per_s": sc.batch_size / max(now - tick, 1e-9)}
+            tick, last_loss = now, mean_loss
+            if (step + 1) % tc.log_every == 0 or step + 1 == total:
+                state["metrics"].append(row)
+                if rank == 0:
+                    print(f"[train_{stage}] step {step + 1}/{total} loss {mean_loss:.4f} lr {row['lr']:.2e} "
+                          f"grad norm {grad_norm:.3g} {row['samples_per_s']:.0f} samples/s", flush=True)
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
+                if rank == 0:
+                    _save_checkpoint(model, opt, sched, ema, state, row)
+                else:
+                    ray.train.report(row)
+        if state["step"] == start_step:
+            raise TrainingError(f"worker {rank} read no batch of {per_worker} rows from its shard: "
+                                f"the table is smaller than it was when the run started")
+    if rank == 0 and last_loss is None:
+        print(f"[train_{stage}] the run had already finished ({total} steps): nothing to train", flush=True)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def run(cfg, stage: str) -> TrainSummary:
+    if stage not in STAGES:
+        raise TrainingError(f"unknown training stage {stage!r}: expected one of {STAGES}")
+    sc, tc = cfg[f"train_{stage}"], cfg.train
+    if tc.text_conditions not in ("worker", "precomputed"):
+        raise TrainingError(f"train.text_conditions={tc.text_conditions!r}: expected 'worker' or 'precomputed'")
+    started = time.monotonic()
+    init_ray(cfg)
+    prepare_models(cfg)
+    lake = Lake.from_conf(cfg)
+    table, flt, columns, needs = _source(cfg, stage)
+    rows = lake.count(table, flt)
+    if rows == 0:
+        raise TrainingError(f"no training rows in {lake.uri(table)}" + (f" where {flt}" if flt else "") +
+                            f": run {needs} first")
+    check_vector_dim(lake.open(table), cfg.models.embedder.dim, lake.uri(table),
+                     "vector" if stage == "stage1" else "z_target")
+    if sc.batch_size % tc.num_workers:
+        raise TrainingError(f"train_{stage}.batch_size={sc.batch_size} must divide evenly over "
+                            f"train.num_workers={tc.num_workers}")
+    per_epoch = rows // sc.batch_size
+    if per_epoch == 0:
+        raise TrainingError(f"{lake.uri(table)} has {rows} training rows, fewer than one batch "
+                            f"(train_{stage}.batch_size={sc.batch_size})")
+    total = per_epoch * sc.epochs
+    if sc.max_steps > 0:
+        total = min(total, sc.max_steps)
+    prior_config = _prior_config(cfg)
+    if stage == "stage2":
+        with tempfile.TemporaryDirectory() as cache:
+            # Refused here, before any worker starts, when the sizes differ from the config.
+            load_prior(local_copy(sc.prior, lake.s3, cache), expected=_expected(prior_config))
+    check_resumable(cfg, stage, prior_config, lake.s3)
+    newest = _newest_checkpoint(tc.storage, sc.run_name, lake.s3)
+    before = (_read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
+
+    marker_fs, marker = filesystem(_stop_marker(cfg, stage), lake.s3)
+    if marker_fs.get_file_info(marker).type.name != "NotFound":
+        marker_fs.delete_file(marker)  # a rerun tries again from the last good checkpoint
+    fs, path = filesystem(tc.storage, lake.s3)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": plain(cfg), "stage": stage, "total_steps": total, "steps_per_epoch": per_epoch,
+                           "prior_config": prior_config},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=sc.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        datasets={"train": read_table(lake, table, columns, filter=flt)},
+    )
+    print(f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "
+          f"{tc.num_workers} worker(s); run {tc.storage}/{sc.run_name}", flush=True)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"train_{stage} failed after {tc.max_failures} restarts: {e}") from None
+    stopped = _read_json(_stop_marker(cfg, stage), lake.s3)
+    if stopped:
+        kept = _newest_checkpoint(tc.storage, sc.run_name, lake.s3) or "none (no checkpoint was made yet)"
+        raise TrainingError(f"train_{stage} stopped at step {stopped['step']}: the loss was {stopped['loss']} "
+                            f"({stopped['reason']}); nothing was exported, the last good checkpoint is kept: {kept}")
+    if result.checkpoint is None:
+        raise TrainingError(f"train_{stage} finished without a checkpoint under {tc.storage}/{sc.run_name}")
+    state = export(cfg, stage, result.checkpoint, lake.s3)
+    resumed = before.get("step", 0)
+    restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)
+    return TrainSummary(f"train_{stage}", rows, resumed, state["step"], total, max(0, restarts),
+                        state["metrics"][-1]["loss"] if state["metrics"] else float("nan"), sc.output, started)
+
+
+def export(cfg, stage: str, checkpoint: ray.train.Checkpoint, s3: dict) -> dict:
+    """The trained model (EMA weights when kept) to train_<stage>.output, with the run's
+    metrics as JSON lines and its loss curve as a PNG; returns the checkpoint's state."""
+    out = cfg[f"train_{stage}"].output.rstrip("/")
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, "train_state.json")) as f:
+            state = json.load(f)
+        src = os.path.join(d, EMA_MODEL_DIR if os.path.isdir(os.path.join(d, EMA_MODEL_DIR)) else MODEL_DIR)
+        copy_dir(src, out, s3)
+    rows = state["metrics"]
+    write_bytes(f"{out}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), s3)
+    write_bytes(f"{out}/loss.png", line_chart_png([r["step"] for r in rows], [r["loss"] for r in rows],
+                                                  f"train_{stage}: diffusion loss", "step", "loss"), s3)
+    return state

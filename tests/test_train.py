@@ -1,0 +1,215 @@
+"""Ray Train: both stages on one and two CPU workers, resume, faults, refusals, `ray job submit`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model.checkpoints import CheckpointMismatch
+from model.prior import ControlAdapter, FusionDiffPrior
+from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metrics(path: str) -> list[dict]:
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _mean(rows, key="loss"):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+@pytest.fixture(scope="module")
+def lake_dir(tmp_path_factory, tiny_models, ray_local):
+    """A run folder whose lake holds the demo's images, captions, embeddings and triplet embeddings."""
+    from pipelines import caption, embed, ingest, triplets
+    from pipelines.__main__ import synth
+
+    run_dir = tmp_path_factory.mktemp("trainlake")
+    cfg = tiny_config(run_dir, tiny_models)
+    synth(cfg)
+    for stage in (ingest, caption, embed, triplets):
+        stage.run(cfg)
+    return run_dir
+
+
+def _cfg(lake_dir, tiny_models, *extra):
+    return tiny_config(lake_dir, tiny_models, "train.log_every=1", *extra)
+
+
+STAGE1_ONE = ("train_stage1.run_name=one", "train_stage1.epochs=20")
+
+
+@pytest.fixture(scope="module")
+def stage1_one(lake_dir, tiny_models):
+    """The demo's Stage 1 on one worker (60 steps); its prior is Stage 2's in the tests below."""
+    from pipelines.train import run
+
+    cfg = _cfg(lake_dir, tiny_models, *STAGE1_ONE, f"train_stage1.output={lake_dir}/out/one")
+    return cfg, run(cfg, "stage1")
+
+
+def test_stage1_one_worker_learns_exports_and_rerun_resumes(stage1_one):
+    from pipelines.train import run
+
+    cfg, s = stage1_one
+    assert (s.rows, s.resumed_from, s.step, s.total, s.restarts) == (48, 0, 60, 60, 0)
+    rows = _metrics(cfg.train_stage1.output)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert _mean(rows[-10:]) < 0.7 * _mean(rows[:10])  # the loss goes down on the synthetic catalogue
+    assert all(r["grad_norm"] > 0 and r["samples_per_s"] > 0 for r in rows)
+    with open(os.path.join(cfg.train_stage1.output, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    prior = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
+    assert prior.config.d_vl == cfg.models.embedder.dim and prior.config.hidden_size == cfg.prior.hidden_size
+
+    again = run(cfg, "stage1")  # same run name: resumes at its end, trains nothing
+    assert (again.resumed_from, again.step) == (60, 60)
+    same = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
+    assert all(torch.equal(a, b) for a, b in zip(prior.state_dict().values(), same.state_dict().values()))
+
+
+def test_stage1_two_workers_resume_after_an_injected_failure(lake_dir, tiny_models):
+    from pipelines.train import run
+
+    cfg = _cfg(lake_dir, tiny_models, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.checkpoint_every=5",
+               "train.fail_at_step=12", "train_stage1.max_steps=20", "train_stage1.run_name=faulty",
+               f"train_stage1.output={lake_dir}/out/faulty")
+    s = run(cfg, "stage1")
+    assert (s.step, s.total, s.restarts) == (20, 20, 1)
+    assert os.path.exists(os.path.join(lake_dir, ".injected_failure_stage1_faulty"))
+    with open(os.path.join(cfg.train_stage1.output, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    # Restarted from the checkpoint at step 10: the count continues, nothing is logged twice.
+    assert steps == list(range(1, 21))
+
+
+def test_stage2_two_workers_learns_and_both_checkpoints_load(lake_dir, tiny_models, stage1_one):
+    from pipelines.train import run
+
+    cfg = _cfg(lake_dir, tiny_models, "train.num_workers=2", "train.cpus_per_worker=0.5",
+               f"train_stage1.output={lake_dir}/out/one", f"train_stage2.output={lake_dir}/out/s2",
+               "train_stage2.run_name=s2two")
+    s = run(cfg, "stage2")
+    assert (s.rows, s.step) == (32, 60)
+    rows = _metrics(cfg.train_stage2.output)
+    assert _mean(rows[-15:]) < _mean(rows[:15])
+    prior = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
+    adapter = ControlAdapter.from_pretrained(cfg.train_stage2.output)
+    adapter.check_compatible(prior)
+    assert any(p.abs().sum() > 0 for p in adapter.z1.parameters())  # trained away from its zero init
+
+
+def test_stage2_one_worker_with_precomputed_conditions(lake_dir, tiny_models):
+    from pipelines import conditions, triplets
+    from pipelines.train import run
+
+    cfg = _cfg(lake_dir, tiny_models, "train.text_conditions=precomputed", "train_stage1.run_name=pre1",
+               "train_stage1.max_steps=4", f"train_stage1.output={lake_dir}/out/pre1",
+               "train_stage2.run_name=pre2", "train_stage2.max_steps=4", f"train_stage2.output={lake_dir}/out/pre2")
+    assert conditions.run(cfg).written == 48
+    assert triplets.run(cfg).written == 32  # the text encoder joined the key: every triplet is redone once
+    assert run(cfg, "stage1").step == 4
+    assert run(cfg, "stage2").step == 4
+    ControlAdapter.from_pretrained(cfg.train_stage2.output)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lake_dir, tiny_models):
+    from pipelines.train import TrainingError, _newest_checkpoint, run
+
+    cfg = _cfg(lake_dir, tiny_models, "train.checkpoint_every=5", "train.nan_at_step=7",
+               "train_stage1.max_steps=20", "train_stage1.run_name=nan", f"train_stage1.output={lake_dir}/out/nan")
+    with pytest.raises(TrainingError, match=r"stopped at step 7: the loss was nan"):
+        run(cfg, "stage1")
+    newest = _newest_checkpoint(cfg.train.storage, "nan", {})
+    with open(os.path.join(newest, "train_state.json")) as f:
+        assert json.load(f)["step"] == 5
+    FusionDiffPrior.from_pretrained(os.path.join(newest, "model"))
+    assert not os.path.exists(cfg.train_stage1.output)
+
+
+def test_refusals_before_any_worker_starts(tmp_path, lake_dir, tiny_models):
+    from pipelines.train import TrainingError, run
+
+    empty = tiny_config(tmp_path, tiny_models)
+    with pytest.raises(TrainingError, match="no training rows in .*embeddings.lance where kind = 'pair': run `embed`"):
+        run(empty, "stage1")
+    with pytest.raises(TrainingError, match="fewer than one batch"):
+        run(_cfg(lake_dir, tiny_models, "train_stage1.batch_size=64"), "stage1")
+    # A Stage 1 checkpoint of another size under Stage 2; a run folder of another size.
+    cfg = _cfg(lake_dir, tiny_models, f"train_stage2.prior={tmp_path}/small", "train_stage1.run_name=small")
+    small = FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=64, **{**cfg.prior, "hidden_size": 32})
+    small.save_pretrained(f"{tmp_path}/small")
+    small.save_pretrained(f"{cfg.train.storage}/small/checkpoint_2026-01-01_00-00-00.000000/model")
+    with pytest.raises(CheckpointMismatch, match="hidden_size: expected 64, found 32"):
+        run(cfg, "stage2")
+    with pytest.raises(CheckpointMismatch, match="run 'small' .*hidden_size: config 64, checkpoint 32"):
+        run(cfg, "stage1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_stage1(tmp_path, lake_dir, tiny_models):
+    """The users' path: a Ray head of its own (temp dir, ports, no token auth), then
+    `ray job submit --working-dir .` of the demo's Stage 1; stopped by process id."""
+    venv_bin = os.path.dirname(sys.executable)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    temp = f"/tmp/ray_submit_{os.getpid()}"
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [f"{venv_bin}/ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true",
+         f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            ok = subprocess.run([f"{venv_bin}/ray", "job", "list", "--address", address], env=env,
+                                capture_output=True).returncode == 0
+            if ok:
+                break
+            time.sleep(2)
+        out = f"{lake_dir}/out/submitted"
+        job = subprocess.run(
+            [f"{venv_bin}/ray", "job", "submit", "--address", address, "--working-dir", REPO, "--",
+             "python", "-m", "pipelines", "train_stage1", "--config", "conf/demo.yaml", f"run_dir={lake_dir}",
+             "ray.address=auto", "ray.progress_bars=false", f"models.embedder.name_or_path={tiny_models['mllm']}",
+             f"models.captioner.name_or_path={tiny_models['mllm']}",
+             f"models.describer.name_or_path={tiny_models['mllm']}",
+             f"models.text_encoder.name_or_path={tiny_models['t5']}",
+             "train_stage1.run_name=submitted", "train_stage1.max_steps=10", f"train_stage1.output={out}"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "[train_stage1] read 48 rows, trained steps 0-10 of 10" in job.stdout
+        FusionDiffPrior.from_pretrained(out)
+        assert os.path.isdir(os.path.join(cfg_storage(lake_dir), "submitted"))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def cfg_storage(lake_dir) -> str:
+    return os.path.join(lake_dir, "lake", "training")
