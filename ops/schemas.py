@@ -97,3 +97,39 @@ def triplet_embeddings_schema(dim: int) -> pa.Schema:
         _vector("z_target", dim),
         *COND_COLUMNS,
     ])
+
+
+def query_vectors_schema(width: int) -> pa.Schema:
+    """`query_vectors` (query_id, mode): the rank stage's cache of query vectors, reused
+    while `query_key` (inputs, models, checkpoints, settings) is unchanged. width is
+    samples x d_VL (samples > 1 only with sampling.aggregation: none)."""
+    return pa.schema([
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("query_key", pa.string()),
+        pa.field("reference_id", pa.string()),
+        pa.field("reference_uri", pa.string()),
+        pa.field("reference_sha256", pa.string()),
+        pa.field("modification_text", pa.string()),
+        pa.field("shared_concept", pa.string()),
+        pa.field("description", pa.string()),
+        _vector("vector", width),
+    ])
+
+
+RANKINGS = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("run_date", pa.string()),
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),  # 1-based
+    pa.field("image_id", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("description", pa.string()),  # T~, the generated target description
+    pa.field("mode", pa.string()),
+    # What produced the row: checkpoint digests (sha256 of the safetensors, 16 hex),
+    # the embedder, and a digest of the settings that shape a ranking.
+    pa.field("prior_version", pa.string()),
+    pa.field("adapter_version", pa.string()),
+    pa.field("embedder", pa.string()),
+    pa.field("config_hash", pa.string()),
+])

@@ -10,7 +10,7 @@ import time
 from pipelines.config import ConfigError, load_config
 
 STAGES = ("synth", "ingest", "caption", "embed", "triplets", "conditions", "train_stage1", "train_stage2",
-          "run", "demo")
+          "index", "rank", "nightly", "demo")
 HELP = {
     "synth": "draw the synthetic catalogue (images, manifest, triplets, queries)",
     "ingest": "manifest -> images table",
@@ -20,34 +20,11 @@ HELP = {
     "conditions": "pairs -> stage1_examples with text tokens (train.text_conditions: precomputed)",
     "train_stage1": "Ray Train: the prior on embeddings[pair] (resumes its run)",
     "train_stage2": "Ray Train: the Control-Adapter on triplet_embeddings, prior frozen",
-    "run": "the whole DAG so far: [synth], ingest, caption, embed",
-    "demo": "`run` on conf/demo.yaml, then says where everything is",
+    "index": "the LanceDB vector index over the gallery (built or refreshed)",
+    "rank": "queries -> top-k gallery images in the lake's rankings (rank.mode picks the method)",
+    "nightly": "the stages of nightly.stages in order, resuming a killed run at its stage",
+    "demo": "`nightly` on conf/demo.yaml (the whole DAG, training included), then says where everything is",
 }
-
-
-def synth(cfg) -> None:
-    from pipelines.synthetic import make_catalogue
-
-    s = cfg.synthetic
-    uris = make_catalogue(s.out_dir, s.num_images, s.image_size, s.num_triplets, s.num_queries, cfg.seed,
-                          dict(cfg.storage.s3))
-    print(f"[synth] {s.num_images} images, {s.num_triplets} triplets, {s.num_queries} queries: {uris['manifest']}")
-
-
-def run_dag(cfg) -> None:
-    from pipelines import caption, embed, ingest
-    from pipelines.common import prepare_models
-    from ops.storage import filesystem
-
-    t0 = time.monotonic()
-    if cfg.synthetic.enabled:
-        fs, path = filesystem(cfg.catalogue.manifest, dict(cfg.storage.s3))
-        if fs.get_file_info(path).type.name == "NotFound":
-            synth(cfg)
-    prepare_models(cfg)
-    for stage in (ingest, caption, embed):
-        print(stage.run(cfg).line(), flush=True)
-    print(f"[run] done in {time.monotonic() - t0:.1f}s; tables under {cfg.storage.root}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,17 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.ingest import ManifestError
     from pipelines.lake import TableError
     from pipelines.train import TrainingError
+    from ops.rank import RankError
+    from pipelines.nightly import NightlyError
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.stage == "synth":
+            from pipelines.synthetic import synth
+
             synth(cfg)
-        elif args.stage in ("run", "demo"):
-            run_dag(cfg)
+        elif args.stage in ("nightly", "demo"):
+            from pipelines import nightly
+
+            state = nightly.run(cfg)
             if args.stage == "demo":
-                print(f"[demo] tables: {cfg.storage.root}/{{images,captions,embeddings,rejects}}.lance")
-                print("[demo] the models are tiny and random: the captions and vectors carry no meaning, "
-                      "they show that every stage runs on real components")
+                print(f"[demo] rankings: {cfg.storage.root}/rankings/ (Parquet by run date) and "
+                      f"{cfg.storage.root}/rankings.lance, run {state['run_id']}")
+                print(f"[demo] results page: {cfg.report.dir}/index.html")
+                print("[demo] the models are tiny and random: the rankings carry no meaning; they show that "
+                      "every stage runs on real components")
         elif args.stage.startswith("train_"):
             from pipelines import train
 
@@ -90,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(importlib.import_module(f"pipelines.{args.stage}").run(cfg).line())
     except (ConfigError, ManifestError, EmbeddingSizeError, TableError, ImageRejected, TrainingError,
-            CheckpointMismatch) as e:
+            CheckpointMismatch, RankError, NightlyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -164,3 +164,11 @@ def tokenizer_corpus() -> list[str]:
     lines = [random_item(rng).description() for _ in range(200)]
     lines += [instruction(a, v) for a, vs in ATTRIBUTES.items() for v in vs]
     return lines + [" ".join(words)]
+
+
+def synth(cfg) -> None:
+    """The catalogue of conf `synthetic`, with a one-line summary."""
+    s = cfg.synthetic
+    uris = make_catalogue(s.out_dir, s.num_images, s.image_size, s.num_triplets, s.num_queries, cfg.seed,
+                          dict(cfg.storage.s3))
+    print(f"[synth] {s.num_images} images, {s.num_triplets} triplets, {s.num_queries} queries: {uris['manifest']}")

@@ -33,7 +33,7 @@ def _mean(rows, key="loss"):
 def lake_dir(tmp_path_factory, tiny_models, ray_local):
     """A run folder whose lake holds the demo's images, captions, embeddings and triplet embeddings."""
     from pipelines import caption, embed, ingest, triplets
-    from pipelines.__main__ import synth
+    from pipelines.synthetic import synth
 
     run_dir = tmp_path_factory.mktemp("trainlake")
     cfg = tiny_config(run_dir, tiny_models)
