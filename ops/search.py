@@ -29,7 +29,7 @@ class RunningTopK:
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        g = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        g = torch.as_tensor(np.array(vectors, dtype=np.float32))  # a copy: Arrow buffers are read-only
         if g.shape[1] != self.queries.shape[2]:
             raise ValueError(f"gallery vectors have size {g.shape[1]}, the queries {self.queries.shape[2]}")
         scores = torch.einsum("bsd,gd->bsg", self.queries, g).amax(dim=1)  # (B, G)

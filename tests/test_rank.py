@@ -1,0 +1,248 @@
+"""The rank stage: search against brute force, the ANN index's recall, every run mode,
+an s3:// lake (moto), idempotent reruns, rejects, refusals, and the results page in Chromium."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ops.search import RunningTopK
+from tests.conftest import tiny_config
+
+
+def _unit(rng, n, d):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_running_topk_over_blocks_equals_numpy_brute_force():
+    rng = np.random.default_rng(0)
+    gallery, ids = _unit(rng, 1000, 32), np.array([f"g{i:04d}" for i in range(1000)], dtype=object)
+    queries = _unit(rng, 6, 32).reshape(3, 2, 32)  # 3 queries of 2 samples each: the best sample's score
+    exclude = ["g0007", None, "g0500"]
+    topk = RunningTopK(queries, 10, exclude)
+    for s in range(0, 1000, 97):  # blocks of uneven size
+        topk.add(list(ids[s:s + 97]), gallery[s:s + 97])
+    got_ids, got_scores = topk.result()
+    scores = np.einsum("bsd,gd->bsg", queries, gallery).max(axis=1)
+    for i, ex in enumerate(exclude):
+        if ex is not None:
+            scores[i, int(ex[1:])] = -np.inf
+    order = np.argsort(-scores, axis=1)[:, :10]
+    assert (got_ids == ids[order]).all()
+    np.testing.assert_allclose(got_scores, np.take_along_axis(scores, order, 1), rtol=1e-5)
+    assert "g0007" not in got_ids[0] and "g0500" not in got_ids[2]
+
+
+def _gallery_lake(tmp_path, tiny_models, n, d, rng, *extra):
+    from ops.schemas import embeddings_schema, query_vectors_schema
+
+    cfg = tiny_config(tmp_path, tiny_models, f"models.embedder.dim={d}", *extra)
+    vec = _unit(rng, n, d)
+    root = cfg.storage.root
+    lance.write_dataset(pa.table({
+        "image_id": [f"g{i:05d}" for i in range(n)], "kind": ["image"] * n, "sha256": ["x"] * n, "model": ["m"] * n,
+        "text": pa.nulls(n, pa.string()), "caption_kind": pa.nulls(n, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), d)}, schema=embeddings_schema(d)),
+        f"{root}/embeddings.lance")
+    q = 50
+    qv = _unit(rng, q, d)
+    lance.write_dataset(pa.table({
+        "query_id": [f"q{i}" for i in range(q)], "mode": ["query_only"] * q, "query_key": ["k"] * q,
+        "reference_id": [f"g{i:05d}" for i in range(q)], "reference_uri": ["u"] * q, "reference_sha256": ["s"] * q,
+        "modification_text": ["t"] * q, "shared_concept": pa.nulls(q, pa.string()), "description": ["d"] * q,
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(qv.reshape(-1)), d)}, schema=query_vectors_schema(d)),
+        f"{root}/query_vectors.lance")
+    batch = pa.table({"query_id": [f"q{i}" for i in range(q)], "query_key": ["k"] * q,
+                      "reference_id": [f"g{i:05d}" for i in range(q)], "reject_reason": pa.nulls(q, pa.string())})
+    return cfg, batch
+
+
+def test_ann_index_recall_at_10_against_exact(tmp_path, tiny_models):
+    from pipelines import index
+    from pipelines.common import plain
+    from pipelines.lake import Lake
+    from pipelines.rank import GallerySearch
+
+    cfg, batch = _gallery_lake(tmp_path, tiny_models, 4000, 64, np.random.default_rng(1), "index.min_rows=1000")
+    assert "IVF_PQ index built" in index.run(cfg).line()
+    lake = Lake.from_conf(cfg)
+    args = dict(lake=lake, mode="query_only", top_k=10, block=512, exclude_reference=True, index=plain(cfg.index),
+                width=64, dim=64)
+    exact = GallerySearch(search="exact", **args)(batch)
+    ann = GallerySearch(search="ann", **args)(batch)
+    hits = 0
+    for qid in batch.column("query_id").to_pylist():
+        e = set(np.array(exact.column("image_id"))[np.array(exact.column("query_id")) == qid])
+        a = set(np.array(ann.column("image_id"))[np.array(ann.column("query_id")) == qid])
+        assert len(e) == 10
+        hits += len(e & a)
+    recall = hits / (10 * batch.num_rows)
+    assert recall >= 0.9, recall
+    # Reference exclusion (CIRR's protocol): the query's reference never ranks, in both searches.
+    refs = dict(zip(batch.column("query_id").to_pylist(), batch.column("reference_id").to_pylist()))
+    for t in (exact, ann):
+        assert not any(refs[q] == i for q, i in zip(t.column("query_id").to_pylist(), t.column("image_id").to_pylist()))
+    # A second `index` run folds new rows into the existing index instead of rebuilding it.
+    assert "index refreshed" in index.run(cfg).line()
+
+
+@pytest.mark.parametrize("mode", ["full", "query_only", "prior_only", "joint", "text"])
+def test_each_run_mode_gives_unit_query_vectors(tmp_path_factory, tiny_models, mode, checkpoints):
+    from ops.rank import QueryOp
+    from pipelines.common import plain
+    from pipelines.synthetic import draw, random_item
+    import random
+
+    cfg = tiny_config(tmp_path_factory.mktemp("mode"), tiny_models, f"rank.mode={mode}")
+    op = QueryOp(plain(cfg.models), plain(cfg.rank), plain(cfg.diffusion), plain(cfg.sampling), checkpoints[0],
+                 checkpoints[1], {"d_vl": 64, "cond_dim": 64}, None, 0, pa.schema([]))
+    rng = random.Random(0)
+    images = [draw(random_item(rng), 64, rng) for _ in range(3)]
+    rows = [{"query_id": f"q{i}", "query_key": "0" * 64, "modification_text": t, "shared_concept": c}
+            for i, (t, c) in enumerate([("make it red", "circle"), ("make it small", None), ("move it left", "square")])]
+    v, desc = op.vectors(images, rows)
+    assert v.shape == (3, 1, 64)
+    norms = v.norm(dim=-1)
+    if mode == "joint":  # w z_q + (1 - w) z(T~): not unit, its inner products are the joint score
+        assert (norms <= 1 + 1e-5).all() and (norms > 0.1).all()
+    else:
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert (desc[0] is None) == (mode == "query_only")
+    assert not torch.allclose(v[0], v[1])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An untrained tiny prior and adapter (the rank stage's inputs; training is tested elsewhere)."""
+    from model.prior import ControlAdapter, FusionDiffPrior
+    from pipelines.common import plain
+    from pipelines.config import load_config
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    prior = FusionDiffPrior(d_vl=64, cond_dim=64, **plain(load_config("conf/demo.yaml").prior))
+    with torch.no_grad():  # open the zero-initialised gates, as training would
+        for p in prior.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prior.save_pretrained(f"{root}/prior")
+    ControlAdapter.from_prior(prior).save_pretrained(f"{root}/adapter")
+    return f"{root}/prior", f"{root}/adapter"
+
+
+@pytest.fixture(scope="module")
+def s3_lake(tmp_path_factory, tiny_models, ray_local, s3_server, checkpoints):
+    """The demo catalogue ingested, captioned and embedded into an s3:// lake, plus two bad queries."""
+    from ops.storage import copy_dir
+    from pipelines import caption, embed, ingest
+    from pipelines.synthetic import synth
+
+    run_dir = tmp_path_factory.mktemp("ranklake")
+    s3 = s3_server
+    extra = [f"storage.root=s3://lake/rank", f"storage.s3.endpoint={s3['endpoint']}",
+             "storage.s3.access_key_id=testing", "storage.s3.secret_access_key=testing", "storage.s3.allow_http=true",
+             f"catalogue.queries={run_dir}/queries.parquet", "synthetic.num_images=24", "synthetic.num_queries=6"]
+    cfg = tiny_config(run_dir, tiny_models, *extra)
+    synth(cfg)
+    for stage in (ingest, caption, embed):
+        stage.run(cfg)
+    copy_dir(checkpoints[0], cfg.train_stage1.output, dict(cfg.storage.s3))
+    copy_dir(checkpoints[1], cfg.train_stage2.output, dict(cfg.storage.s3))
+    queries = pq.read_table(f"{run_dir}/catalogue/queries.parquet").to_pylist()
+    with open(f"{run_dir}/corrupt.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    queries += [{"query_id": "bad_missing", "reference_id": "img99999", "modification_text": "make it red",
+                 "target_id": None, "shared_concept": None},
+                {"query_id": "bad_corrupt", "reference_id": None, "modification_text": "make it red",
+                 "target_id": None, "shared_concept": None}]
+    table = pa.Table.from_pylist(queries).append_column(
+        "reference_uri", pa.array([None] * (len(queries) - 1) + [f"{run_dir}/corrupt.png"], pa.string()))
+    pq.write_table(table, f"{run_dir}/queries.parquet")
+    return run_dir, extra
+
+
+def test_rank_on_s3_is_idempotent_and_records_rejects(s3_lake, tiny_models):
+    from pipelines import rank
+    from pipelines.lake import Lake
+    from ops.storage import filesystem
+
+    run_dir, extra = s3_lake
+    cfg = tiny_config(run_dir, tiny_models, *extra, "rank.run_id=r1", "rank.top_k=5")
+    s = rank.run(cfg)
+    assert (s.read, s.computed, s.reused, s.rejected, s.ranked, s.rows) == (8, 6, 0, 2, 6, 30)
+    lake = Lake.from_conf(cfg)
+    rejects = {r["key"]: r["reason"] for r in lake.open("rejects").to_table(filter="stage = 'rank'").to_pylist()}
+    assert "not in the images table" in rejects["bad_missing"] and "corrupt image" in rejects["bad_corrupt"]
+    first = lake.open("rankings").to_table(filter="run_id = 'r1'").sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert first.num_rows == 30 and set(first.column("rank").to_pylist()) == {1, 2, 3, 4, 5}
+    assert all(first.column("prior_version").to_pylist()) and all(first.column("adapter_version").to_pylist())
+    fs, path = filesystem(f"{cfg.storage.root}/rankings", dict(cfg.storage.s3))
+    from pyarrow.fs import FileSelector
+
+    files = [i.path for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.path.endswith(".parquet")]
+    assert len(files) == 1 and files[0].endswith("/r1.parquet") and "/run_date=" in files[0]
+    # The same run_id again: the cached vectors are reused, its rows replaced, never duplicated.
+    again = rank.run(cfg)
+    assert (again.computed, again.reused, again.rows) == (0, 6, 30)
+    second = lake.open("rankings").to_table(filter="run_id = 'r1'").sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert second.select(["query_id", "rank", "image_id", "score"]).equals(first.select(["query_id", "rank", "image_id", "score"]))
+    assert len([i for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.path.endswith(".parquet")]) == 1
+    with fs.open_input_file(files[0]) as f:
+        assert pq.read_table(f).num_rows == 30
+
+
+def test_rank_refusals(s3_lake, tiny_models, tmp_path):
+    from ops.rank import RankError
+    from pipelines import rank
+    from pipelines.lake import TableError
+
+    run_dir, extra = s3_lake
+    with pytest.raises(TableError, match="gallery's vectors have size 64 but models.embedder.dim is 32"):
+        rank.run(tiny_config(run_dir, tiny_models, *extra, "models.embedder.dim=32"))
+    pq.write_table(pa.table({"query_id": pa.array([], pa.string()), "modification_text": pa.array([], pa.string()),
+                             "reference_id": pa.array([], pa.string())}), f"{tmp_path}/empty.parquet")
+    with pytest.raises(RankError, match="queries table .*empty.parquet is empty"):
+        rank.run(tiny_config(run_dir, tiny_models, *extra, f"catalogue.queries={tmp_path}/empty.parquet",
+                             "rank.run_id=empty"))
+    with pytest.raises(RankError, match="the gallery is empty"):
+        rank.run(tiny_config(tmp_path, tiny_models))
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, installed here when the machine lacks it."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], check=True,
+                       capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        exe = shutil.which("chromium")
+    assert exe, "chromium could not be installed"
+    return exe
+
+
+def test_results_page_shows_the_images_in_chromium(s3_lake, tiny_models, tmp_path, chromium):
+    from PIL import Image
+
+    from pipelines import report
+
+    run_dir, extra = s3_lake
+    cfg = tiny_config(run_dir, tiny_models, *extra, f"report.dir={tmp_path}/report")
+    queries = pq.read_table(f"{run_dir}/queries.parquet")
+    page = report.write(cfg, "r1", ["[rank] run r1: read 8 queries"], queries)
+    html = open(page).read()
+    assert html.count("<img") >= 6 * 6 and "bad_missing" in html and "[rank] run r1" in html
+    shot = f"{tmp_path}/shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,1400", f"file://{page}"], check=True, capture_output=True, timeout=120)
+    im = np.asarray(Image.open(shot).convert("HSV"))
+    coloured = ((im[..., 1] > 120) & (im[..., 2] > 80)).mean()  # saturated pixels: the drawn shapes
+    # Text, rules and broken-image icons are grey; the thumbnails' shapes are saturated colours.
+    assert coloured > 0.01, coloured
