@@ -68,7 +68,8 @@ def staged_run(n: int) -> dict:
     overrides = [f"run_dir={run_dir}", f"synthetic.num_images={n}"]
     cmd = [sys.executable, "-m", "pipelines", "synth", *sum((["--config", c] for c in CONFIGS), []), *overrides]
     subprocess.run(cmd, check=True, capture_output=True)
-    cmd[3] = "run"
+    cmd[3] = "nightly"
+    cmd.append("nightly.stages=[ingest,caption,embed]")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     ps, peak, lines = psutil.Process(proc.pid), [0], []

@@ -6,7 +6,7 @@ import ray
 from ops.caption import OUTPUT_SCHEMA, CaptionOp
 from ops.schemas import CAPTIONS
 from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
-from pipelines.stages import keep_changed, read_table
+from pipelines.stages import any_rows, keep_changed, read_table
 
 
 def run(cfg) -> StageSummary:
@@ -15,12 +15,15 @@ def run(cfg) -> StageSummary:
         return StageSummary("caption")
     lake, summary = started
     model = cfg.models.captioner
-    staged = (
-        read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"])
-        .map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
+    todo = read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"]).map_batches(
+        keep_changed, batch_format="pyarrow", fn_kwargs=dict(
             table_uri=lake.uri("captions"), storage_options=lake.storage_options,
             compare={"sha256": "sha256"}, constants={"model": model.name_or_path}))
-        .map_batches(
+    if not any_rows(todo):
+        summary.skipped = summary.read
+        return summary
+    staged = (
+        todo.map_batches(
             CaptionOp, fn_constructor_kwargs=dict(model=plain(model), caption=plain(cfg.caption), s3=lake.s3),
             compute=ray.data.ActorPoolStrategy(size=cfg.caption.num_actors), batch_size=cfg.caption.batch_size,
             batch_format="numpy", num_cpus=cfg.caption.num_cpus_per_actor, num_gpus=cfg.caption.num_gpus_per_actor)

@@ -9,7 +9,7 @@ from ops.embed import EmbeddingSizeError, EmbedOp, uses_short_caption
 from ops.schemas import embeddings_schema, with_reject_reason
 from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
 from pipelines.lake import Lake, check_vector_dim, lookup, open_dataset
-from pipelines.stages import keep_changed, read_table
+from pipelines.stages import any_rows, keep_changed, read_table
 
 
 def attach_captions(batch: pa.Table, captions_uri: str, storage_options: dict, short_fraction: float) -> pa.Table:
@@ -53,7 +53,7 @@ def run(cfg) -> StageSummary:
     check_embedder(cfg, lake)
     model = cfg.models.embedder
     schema = embeddings_schema(model.dim)
-    staged = (
+    todo = (
         read_table(lake, "images", ["image_id", "uri", "sha256"])
         .map_batches(attach_captions, batch_format="pyarrow", fn_kwargs=dict(
             captions_uri=lake.uri("captions"), storage_options=lake.storage_options,
@@ -62,7 +62,12 @@ def run(cfg) -> StageSummary:
             table_uri=lake.uri("embeddings"), storage_options=lake.storage_options,
             compare={"sha256": "sha256", "text": "pair_text"}, constants={"model": model.name_or_path},
             where="kind = 'pair'"))
-        .map_batches(
+    )
+    if not any_rows(todo):
+        summary.skipped = summary.read
+        return summary
+    staged = (
+        todo.map_batches(
             EmbedOp, fn_constructor_kwargs=dict(model=plain(model), s3=lake.s3),
             compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors), batch_size=cfg.embed.batch_size,
             batch_format="numpy", num_cpus=cfg.embed.num_cpus_per_actor, num_gpus=cfg.embed.num_gpus_per_actor)

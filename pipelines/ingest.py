@@ -49,8 +49,16 @@ def read_manifest(uri: str, s3: dict, required=REQUIRED_COLUMNS, optional=("capt
     return ds.select_columns(columns)
 
 
-def duplicate_ids(ds: ray.data.Dataset, partitions: int) -> frozenset[str]:
-    """Ids that occur more than once: a distributed count, of which only the repeats reach the driver."""
+def duplicate_ids(ds: ray.data.Dataset, partitions: int, rows: int, local_max_rows: int) -> frozenset[str]:
+    """Ids that occur more than once: counted on the driver for small manifests, else by a
+    distributed count of which only the repeats reach the driver."""
+    if rows <= local_max_rows:
+        ids = pa.concat_arrays([r.column("image_id").combine_chunks().cast(pa.string())
+                                for r in ray.get(ds.select_columns(["image_id"]).to_arrow_refs()) if r.num_rows]) \
+            if rows else pa.array([], pa.string())
+        counts = pc.value_counts(ids)
+        repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+        return frozenset(str(i) for i in repeated if i not in (None, ""))
     counts = ds.select_columns(["image_id"]).groupby("image_id", num_partitions=partitions).count()
 
     def repeats(t: pa.Table) -> pa.Table:
@@ -65,8 +73,9 @@ def run(cfg) -> StageSummary:
     lake = Lake.from_conf(cfg)
     summary = StageSummary("ingest")
     manifest = read_manifest(cfg.catalogue.manifest, lake.s3)
-    dups = duplicate_ids(manifest, cfg.ingest.duplicate_check_partitions)
     summary.read = manifest.count()
+    dups = duplicate_ids(manifest, cfg.ingest.duplicate_check_partitions, summary.read,
+                         cfg.ingest.duplicate_check_local_max_rows)
     staged = (
         manifest.map_batches(
             IngestOp, fn_constructor_kwargs=dict(limits=plain(cfg.images), s3=lake.s3, duplicate_ids=dups),

@@ -38,8 +38,8 @@ from ops.search import RunningTopK
 from ops.storage import filesystem, is_s3, local_copy, read_bytes
 from pipelines.common import init_ray, plain, prepare_models, stage_and_commit
 from pipelines.ingest import read_manifest
-from pipelines.lake import Lake, TableError, lookup, open_dataset, sql_in
-from pipelines.stages import keep_changed
+from pipelines.lake import Lake, TableError, lookup, open_dataset
+from pipelines.stages import any_rows, keep_changed
 
 QUERY_COLUMNS = ("query_id", "modification_text")
 OPTIONAL_QUERY_COLUMNS = ("reference_id", "reference_uri", "shared_concept", "target_id")
@@ -57,6 +57,7 @@ class RankSummary:
     ranked: int = 0
     rows: int = 0
     where: str = ""
+    parquet: str = ""
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
@@ -270,11 +271,11 @@ def run(cfg, run_id: str | None = None) -> RankSummary:
         v = versions(cfg, use, prior_path, adapter_path)
         resolved = queries.map_batches(resolve, batch_format="pyarrow", fn_kwargs=dict(
             images_uri=lake.uri("images"), storage_options=lake.storage_options, s3=lake.s3, mode=mode, versions_=v))
-        staged = (
-            resolved.map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-                table_uri=lake.uri("query_vectors"), storage_options=lake.storage_options, key="query_id",
-                compare={"query_key": "query_key"}, where=f"mode = '{mode}'"))
-            .map_batches(
+        todo = resolved.map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
+            table_uri=lake.uri("query_vectors"), storage_options=lake.storage_options, key="query_id",
+            compare={"query_key": "query_key"}, where=f"mode = '{mode}'"))
+        staged = None if not any_rows(todo) else (
+            todo.map_batches(
                 QueryOp, fn_constructor_kwargs=dict(
                     models=plain(cfg.models), rank=plain(cfg.rank), diffusion=plain(cfg.diffusion),
                     sampling=plain(cfg.sampling), prior_path=prior_path, adapter_path=adapter_path,
@@ -282,8 +283,8 @@ def run(cfg, run_id: str | None = None) -> RankSummary:
                 compute=ray.data.ActorPoolStrategy(size=cfg.rank.num_actors), batch_size=cfg.rank.batch_size,
                 batch_format="pyarrow", num_cpus=cfg.rank.num_cpus_per_actor, num_gpus=cfg.rank.num_gpus_per_actor)
         )
-        counts = stage_and_commit(staged, lake, "rank", staged_schema, "query_vectors", ["query_id", "mode"], schema,
-                                  reject_key="query_id")
+        counts = {"written": 0, "rejected": 0} if staged is None else stage_and_commit(
+            staged, lake, "rank", staged_schema, "query_vectors", ["query_id", "mode"], schema, reject_key="query_id")
     summary.computed, summary.rejected = counts["written"], counts["rejected"]
     summary.reused = summary.read - summary.computed - summary.rejected
     results = resolved.map_batches(
@@ -310,6 +311,7 @@ def run(cfg, run_id: str | None = None) -> RankSummary:
                         f"nothing was written for run {run_id}")
     summary.ranked = len(set(staged_results.to_table(columns=["query_id"]).column("query_id").to_pylist()))
     summary.where = publish(lake, staged_results, provenance)
+    summary.parquet = rankings_parquet_uri(lake, run_date, run_id)
     lake.clear_staging("rank_results")
     return summary
 

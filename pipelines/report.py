@@ -13,8 +13,6 @@ import io
 import os
 import time
 
-import pyarrow.compute as pc
-from PIL import Image
 
 from ops.images import ImageRejected, load_image
 from ops.storage import is_s3, write_bytes
@@ -42,7 +40,7 @@ def _figure(src: str | None, caption: str, target: bool) -> str:
     return f'<figure class="{"target" if target else ""}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
-def write(cfg, run_id: str, stage_lines: list[str], queries_table) -> str:
+def write(cfg, run_id: str, stage_lines: list[str], queries_table, extra_html: str = "") -> str:
     """The page of run `run_id`; returns its path (or URI)."""
     lake = Lake.from_conf(cfg)
     r = cfg.report
@@ -83,6 +81,7 @@ def write(cfg, run_id: str, stage_lines: list[str], queries_table) -> str:
 <style>{STYLE}</style></head><body>
 <h1>Run {html.escape(run_id)}</h1>
 <p>{html.escape(str(meta[0]) if meta else '')}</p>
+{extra_html}
 <p>Known targets are outlined in green. Scores are cosine similarities.</p>
 <table><tr><th>query</th><th>reference</th><th>modification / generated description</th><th>top {r.top_k}</th></tr>
 {''.join(body)}</table>

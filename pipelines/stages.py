@@ -37,3 +37,10 @@ def keep_changed(batch: pa.Table, table_uri: str, storage_options: dict, compare
             and all(row[t] == v for t, v in (constants or {}).items())
         keep.append(rejects[n] is not None or not same)
     return batch.filter(pa.array(np.array(keep, dtype=bool)))
+
+
+def any_rows(ds: ray.data.Dataset) -> bool:
+    """Whether the (filtered) dataset yields a row, found by streaming until the first one:
+    on an unchanged catalogue a stage then starts no model actor at all (the keyed
+    lookups run, the models do not), and with changes the probe stops early."""
+    return ds.limit(1).count() > 0

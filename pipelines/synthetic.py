@@ -11,6 +11,7 @@ is known exactly. Written under `synthetic.out_dir` (local or s3://):
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import asdict, dataclass, replace
 
@@ -154,7 +155,26 @@ def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets:
     _write_table(manifest, uris["manifest"], s3)
     _write_table(triplets, uris["triplets"], s3)
     _write_table(query_rows, uris["queries"], s3)
+    write_cirr_format(out_dir, [m["image_id"] for m in manifest], query_rows, seed, s3)
     return uris
+
+
+def write_cirr_format(out_dir: str, image_ids: list[str], queries: list[dict], seed: int, s3: dict | None) -> None:
+    """The queries again in CIRR's official layout (the `val` split) under <out_dir>/cirr,
+    with the catalogue folder as image root: `python -m pipelines benchmark` runs on it.
+    Each img_set holds the reference, the target and four other images."""
+    rng = random.Random(seed + 1)
+    caps = []
+    for n, q in enumerate(queries):
+        others = [i for i in image_ids if i not in (q["reference_id"], q["target_id"])]
+        members = [q["reference_id"], q["target_id"], *rng.sample(others, min(4, len(others)))]
+        rng.shuffle(members)
+        caps.append({"pairid": n, "reference": q["reference_id"], "target_hard": q["target_id"],
+                     "target_soft": {q["target_id"]: 1.0}, "caption": q["modification_text"],
+                     "img_set": {"id": n, "members": members}})
+    write_bytes(f"{out_dir}/cirr/captions/cap.rc2.val.json", json.dumps(caps, indent=1).encode(), s3)
+    write_bytes(f"{out_dir}/cirr/image_splits/split.rc2.val.json",
+                json.dumps({i: f"./images/{i}.png" for i in image_ids}, indent=1).encode(), s3)
 
 
 def tokenizer_corpus() -> list[str]:

@@ -5,7 +5,6 @@ and embedder are unchanged is skipped before any model runs.
 """
 from __future__ import annotations
 
-import pyarrow as pa
 import ray
 
 from ops.triplets import TRIPLET_COLUMNS, TripletEmbedOp, hash_triplets, staged_schema
@@ -13,7 +12,7 @@ from ops.schemas import triplet_embeddings_schema
 from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
 from pipelines.embed import check_embedder
 from pipelines.ingest import ManifestError, read_manifest
-from pipelines.stages import keep_changed
+from pipelines.stages import any_rows, keep_changed
 
 
 def text_encoder_name(cfg) -> str:
@@ -34,7 +33,7 @@ def run(cfg) -> StageSummary:
     constants = {"model": model.name_or_path}
     if precomputed:
         constants["text_encoder"] = text_encoder_name(cfg)
-    staged = (
+    todo = (
         ds.map_batches(hash_triplets, batch_format="pyarrow", fn_kwargs=dict(
             s3=lake.s3, limits=plain(cfg.images), condition_text=cfg.train_stage2.condition_text))
         .map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
@@ -42,7 +41,12 @@ def run(cfg) -> StageSummary:
             compare={c: c for c in ("source_sha256", "target_sha256", "instruction", "target_description",
                                     "cond_text")},
             constants=constants))
-        .map_batches(
+    )
+    if not any_rows(todo):
+        summary.skipped = summary.read
+        return summary
+    staged = (
+        todo.map_batches(
             TripletEmbedOp, fn_constructor_kwargs=dict(
                 model=plain(model), s3=lake.s3,
                 text_encoder=plain(cfg.models.text_encoder) if precomputed else None),

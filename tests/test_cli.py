@@ -7,10 +7,10 @@ import sys
 import lance
 
 
-def test_run_command_builds_everything_from_nothing(tmp_path):
+def test_nightly_command_builds_the_data_stages_from_nothing(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "pipelines", "run", "--config", "conf/demo.yaml", f"run_dir={tmp_path}",
-           "synthetic.num_images=12", "synthetic.num_queries=3", "synthetic.num_triplets=2", "ray.progress_bars=false"]
+    cmd = [sys.executable, "-m", "pipelines", "nightly", "--config", "conf/demo.yaml", f"run_dir={tmp_path}",
+           "nightly.stages=[ingest,caption,embed]",           "synthetic.num_images=12", "synthetic.num_queries=3", "synthetic.num_triplets=2", "ray.progress_bars=false"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for stage in ("ingest", "caption", "embed"):

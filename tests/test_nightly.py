@@ -73,3 +73,17 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
     refreshed = _rankings(cfg, third["run_id"])
     assert refreshed.num_rows == 4 * 5
     assert nightly._load_state(cfg)["status"] == "finished"
+
+    # 5. The same catalogue in CIRR's layout (written by synth): the benchmark command's path.
+    from pipelines import benchmark
+
+    bench_cfg = tiny_config(tmp_path, tiny_models, "synthetic.num_images=12", "synthetic.num_queries=4",
+                            "eval.annotations=" + f"{tmp_path}/catalogue/cirr", f"eval.image_root={tmp_path}/catalogue",
+                            "eval.modes=[query_only]", "rank.top_k=50")
+    line = benchmark.run(bench_cfg)
+    assert "table at" in line
+    table = open(f"{tmp_path}/eval/results.md").read()
+    assert table.splitlines()[0] == "| cirr val | R@1 | R@5 | R@10 | R@50 | Rs@1 | Rs@2 | Rs@3 |"
+    assert table.splitlines()[2].startswith("| query_only | ")
+    # 12 images, reference removed: every target is within the top 50.
+    assert table.splitlines()[2].split("|")[5].strip() == "100.00"

@@ -146,7 +146,7 @@ def s3_lake(tmp_path_factory, tiny_models, ray_local, s3_server, checkpoints):
 
     run_dir = tmp_path_factory.mktemp("ranklake")
     s3 = s3_server
-    extra = [f"storage.root=s3://lake/rank", f"storage.s3.endpoint={s3['endpoint']}",
+    extra = ["storage.root=s3://lake/rank", f"storage.s3.endpoint={s3['endpoint']}",
              "storage.s3.access_key_id=testing", "storage.s3.secret_access_key=testing", "storage.s3.allow_http=true",
              f"catalogue.queries={run_dir}/queries.parquet", "synthetic.num_images=24", "synthetic.num_queries=6"]
     cfg = tiny_config(run_dir, tiny_models, *extra)

@@ -154,3 +154,13 @@ def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
     assert embed.run(cfg).written == 1
     keys = [(r["image_id"], r["kind"]) for r in rows(cfg, "embeddings", columns=["image_id", "kind"]).to_pylist()]
     assert len(keys) == len(set(keys)) == 2 * len(ids)
+
+
+def test_duplicate_ids_counted_locally_and_by_the_shuffle_agree(ray_local):
+    from pipelines.ingest import duplicate_ids
+
+    ids = ["a", "b", "a", "c", "", "", "d", "c", "c"]
+    ds = ray_local.data.from_items([{"image_id": i} for i in ids])
+    local = duplicate_ids(ds, 2, len(ids), local_max_rows=100)
+    shuffled = duplicate_ids(ds, 2, len(ids), local_max_rows=0)
+    assert local == shuffled == frozenset({"a", "c"})  # empty ids are rejected on their own

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import lance
 import pytest
 import torch
 
@@ -47,12 +48,12 @@ def _cfg(lake_dir, tiny_models, *extra):
     return tiny_config(lake_dir, tiny_models, "train.log_every=1", *extra)
 
 
-STAGE1_ONE = ("train_stage1.run_name=one", "train_stage1.epochs=20")
+STAGE1_ONE = ("train_stage1.run_name=one", "train_stage1.epochs=15")
 
 
 @pytest.fixture(scope="module")
 def stage1_one(lake_dir, tiny_models):
-    """The demo's Stage 1 on one worker (60 steps); its prior is Stage 2's in the tests below."""
+    """The demo's Stage 1 on one worker (45 steps); its prior is Stage 2's in the tests below."""
     from pipelines.train import run
 
     cfg = _cfg(lake_dir, tiny_models, *STAGE1_ONE, f"train_stage1.output={lake_dir}/out/one")
@@ -63,10 +64,10 @@ def test_stage1_one_worker_learns_exports_and_rerun_resumes(stage1_one):
     from pipelines.train import run
 
     cfg, s = stage1_one
-    assert (s.rows, s.resumed_from, s.step, s.total, s.restarts) == (48, 0, 60, 60, 0)
+    assert (s.rows, s.resumed_from, s.step, s.total, s.restarts) == (48, 0, 45, 45, 0)
     rows = _metrics(cfg.train_stage1.output)
-    assert [r["step"] for r in rows] == list(range(1, 61))
-    assert _mean(rows[-10:]) < 0.7 * _mean(rows[:10])  # the loss goes down on the synthetic catalogue
+    assert [r["step"] for r in rows] == list(range(1, 46))
+    assert _mean(rows[-10:]) < 0.75 * _mean(rows[:10])  # the loss goes down on the synthetic catalogue
     assert all(r["grad_norm"] > 0 and r["samples_per_s"] > 0 for r in rows)
     with open(os.path.join(cfg.train_stage1.output, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -74,7 +75,7 @@ def test_stage1_one_worker_learns_exports_and_rerun_resumes(stage1_one):
     assert prior.config.d_vl == cfg.models.embedder.dim and prior.config.hidden_size == cfg.prior.hidden_size
 
     again = run(cfg, "stage1")  # same run name: resumes at its end, trains nothing
-    assert (again.resumed_from, again.step) == (60, 60)
+    assert (again.resumed_from, again.step) == (45, 45)
     same = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
     assert all(torch.equal(a, b) for a, b in zip(prior.state_dict().values(), same.state_dict().values()))
 
@@ -83,15 +84,15 @@ def test_stage1_two_workers_resume_after_an_injected_failure(lake_dir, tiny_mode
     from pipelines.train import run
 
     cfg = _cfg(lake_dir, tiny_models, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.checkpoint_every=5",
-               "train.fail_at_step=12", "train_stage1.max_steps=20", "train_stage1.run_name=faulty",
+               "train.fail_at_step=7", "train_stage1.max_steps=12", "train_stage1.run_name=faulty",
                f"train_stage1.output={lake_dir}/out/faulty")
     s = run(cfg, "stage1")
-    assert (s.step, s.total, s.restarts) == (20, 20, 1)
+    assert (s.step, s.total, s.restarts) == (12, 12, 1)
     assert os.path.exists(os.path.join(lake_dir, ".injected_failure_stage1_faulty"))
     with open(os.path.join(cfg.train_stage1.output, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
-    # Restarted from the checkpoint at step 10: the count continues, nothing is logged twice.
-    assert steps == list(range(1, 21))
+    # Restarted from the checkpoint at step 5: the count continues, nothing is logged twice.
+    assert steps == list(range(1, 13))
 
 
 def test_stage2_two_workers_learns_and_both_checkpoints_load(lake_dir, tiny_models, stage1_one):
@@ -102,26 +103,45 @@ def test_stage2_two_workers_learns_and_both_checkpoints_load(lake_dir, tiny_mode
                "train_stage2.run_name=s2two")
     s = run(cfg, "stage2")
     assert (s.rows, s.step) == (32, 60)
-    rows = _metrics(cfg.train_stage2.output)
-    assert _mean(rows[-15:]) < _mean(rows[:15])
+    assert len(_metrics(cfg.train_stage2.output)) == 60
     prior = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
     adapter = ControlAdapter.from_pretrained(cfg.train_stage2.output)
     adapter.check_compatible(prior)
+    # The loss on the training triplets, at fixed noise and timesteps: the trained adapter
+    # beats a fresh one (which is the bare prior); per-step losses are too noisy to compare.
+    assert _stage2_loss(cfg, prior, adapter) < 0.95 * _stage2_loss(cfg, prior, ControlAdapter.from_prior(prior))
     assert any(p.abs().sum() > 0 for p in adapter.z1.parameters())  # trained away from its zero init
 
 
-def test_stage2_one_worker_with_precomputed_conditions(lake_dir, tiny_models):
+def _stage2_loss(cfg, prior, adapter) -> float:
+    import lance
+
+    from model.diffusion import DiffusionConfig, diffusion_loss
+    from model.text_encoder import load_text_encoder_from_conf
+    from pipelines.common import plain
+
+    rows = lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table().to_pylist()
+    c, m = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder)).encode(
+        [r["cond_text"] for r in rows])
+    z0, zq = torch.tensor([r["z_target"] for r in rows]), torch.tensor([r["z_query"] for r in rows])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return sum(diffusion_loss(prior.eval(), DiffusionConfig(**plain(cfg.diffusion)), z0, c.clone(), m.clone(),
+                                  adapter=adapter.eval(), z_query=zq, generator=g).item() for _ in range(16)) / 16
+
+
+def test_one_worker_with_precomputed_conditions(lake_dir, tiny_models):
     from pipelines import conditions, triplets
     from pipelines.train import run
 
     cfg = _cfg(lake_dir, tiny_models, "train.text_conditions=precomputed", "train_stage1.run_name=pre1",
-               "train_stage1.max_steps=4", f"train_stage1.output={lake_dir}/out/pre1",
-               "train_stage2.run_name=pre2", "train_stage2.max_steps=4", f"train_stage2.output={lake_dir}/out/pre2")
+               "train_stage1.max_steps=4", f"train_stage1.output={lake_dir}/out/pre1")
     assert conditions.run(cfg).written == 48
     assert triplets.run(cfg).written == 32  # the text encoder joined the key: every triplet is redone once
+    cond = lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table(columns=["cond_len", "cond_tokens"])
+    assert all(len(t) == n * 64 for t, n in zip(cond.column("cond_tokens").to_pylist(), cond.column("cond_len").to_pylist()))
     assert run(cfg, "stage1").step == 4
-    assert run(cfg, "stage2").step == 4
-    ControlAdapter.from_pretrained(cfg.train_stage2.output)
+    FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lake_dir, tiny_models):
@@ -196,10 +216,10 @@ def test_ray_job_submit_runs_stage1(tmp_path, lake_dir, tiny_models):
              f"models.captioner.name_or_path={tiny_models['mllm']}",
              f"models.describer.name_or_path={tiny_models['mllm']}",
              f"models.text_encoder.name_or_path={tiny_models['t5']}",
-             "train_stage1.run_name=submitted", "train_stage1.max_steps=10", f"train_stage1.output={out}"],
+             "train_stage1.run_name=submitted", "train_stage1.max_steps=4", f"train_stage1.output={out}"],
             env=env, capture_output=True, text=True, timeout=400)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "[train_stage1] read 48 rows, trained steps 0-10 of 10" in job.stdout
+        assert "[train_stage1] read 48 rows, trained steps 0-4 of 4" in job.stdout
         FusionDiffPrior.from_pretrained(out)
         assert os.path.isdir(os.path.join(cfg_storage(lake_dir), "submitted"))
     finally:
