@@ -94,6 +94,11 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
     for where, layer in layers:
         _check_keys(layer, base, where)
         cfg = OmegaConf.merge(cfg, layer)
+    run_dir = cfg._get_node("run_dir")._value()
+    if isinstance(run_dir, str) and "://" not in run_dir and not os.path.isabs(run_dir):
+        # Ray workers (Ray Train's above all) run in folders of their own: a relative
+        # run_dir, and every path under it, is taken from where the config is loaded.
+        cfg.run_dir = os.path.abspath(run_dir)
     try:
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
