@@ -6,7 +6,10 @@ from pipelines.config import ConfigError, load_config
 
 def test_demo_and_prod_load_with_their_models():
     demo = load_config("conf/demo.yaml")
-    assert demo.storage.root == "runs/demo/lake"
+    # A relative run_dir is made absolute where the config is loaded (Ray workers run elsewhere).
+    import os
+
+    assert demo.storage.root == os.path.abspath("runs/demo/lake")
     assert demo.models.embedder.dim == demo.tiny_models.mllm.hidden_size
     prod = load_config("conf/prod.yaml")
     assert prod.models.embedder.dim == 1536
