@@ -78,7 +78,7 @@ def main() -> None:
     batch = pa.table({"query_id": [f"q{i}" for i in range(q)], "query_key": ["k"] * q,
                       "reference_id": pa.nulls(q, pa.string()), "reject_reason": pa.nulls(q, pa.string())})
     common = dict(lake=Lake.from_conf(cfg), mode="query_only", top_k=10, block=cfg.rank.gallery_block,
-                  exclude_reference=False, index=plain(cfg.index), width=d, dim=d)
+                  exclude_reference=False, index=plain(cfg.index), dim=d)
     results = {}
     for method in ("exact", "ann"):
         search = GallerySearch(search=method, **common)

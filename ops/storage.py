@@ -87,3 +87,13 @@ def local_copy(uri: str, s3: dict | None, cache_dir: str) -> str:
     dst = os.path.join(cache_dir, uri[len("s3://"):].replace("/", "_"))
     copy_dir(uri, dst, s3)
     return dst
+
+
+def read_json(uri: str, s3: dict | None):
+    """A small JSON file (run state, checkpoint configs), or None when there is none."""
+    import json
+
+    try:
+        return json.loads(read_bytes(uri, s3))
+    except (FileNotFoundError, OSError):
+        return None

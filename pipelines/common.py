@@ -89,17 +89,22 @@ def begin_model_stage(cfg, stage: str, source: str | None = "images", source_fil
     return lake, summary
 
 
-def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema,
-                     reject_key: str = "image_id") -> dict[str, int]:
-    """Streams a stage's output into its staging dataset (distributed Lance writes), then
-    commits it to `table` and `rejects` (pipelines.lake.commit) and empties the staging."""
+def write_staging(ds, lake: Lake, stage: str, schema) -> None:
+    """Streams a dataset into the stage's (emptied) staging Lance dataset: distributed writes."""
     import lance_ray
 
+    lake.clear_staging(stage)
+    lance_ray.write_lance(ds, lake.staging_uri(stage), schema=schema, mode="create",
+                          storage_options=lake.storage_options)
+
+
+def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema,
+                     reject_key: str = "image_id") -> dict[str, int]:
+    """Writes a stage's output to its staging dataset, then commits it to `table` and
+    `rejects` (pipelines.lake.commit) and empties the staging."""
     from pipelines.lake import commit
 
-    lake.clear_staging(stage)
-    lance_ray.write_lance(ds, lake.staging_uri(stage), schema=staged_schema, mode="create",
-                          storage_options=lake.storage_options)
+    write_staging(ds, lake, stage, staged_schema)
     counts = commit(lake, stage, table, keys, schema, reject_key=reject_key)
     lake.clear_staging(stage)
     return counts

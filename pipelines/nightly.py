@@ -13,7 +13,7 @@ import time
 
 import pyarrow as pa
 
-from ops.storage import filesystem, read_bytes, write_bytes
+from ops.storage import filesystem, read_json, write_bytes
 
 STAGES = ("ingest", "caption", "embed", "triplets", "conditions", "train_stage1", "train_stage2", "index", "rank",
           "report")
@@ -28,10 +28,7 @@ def _state_uri(cfg) -> str:
 
 
 def _load_state(cfg) -> dict | None:
-    try:
-        return json.loads(read_bytes(_state_uri(cfg), dict(cfg.storage.s3)))
-    except (FileNotFoundError, OSError):
-        return None
+    return read_json(_state_uri(cfg), dict(cfg.storage.s3))
 
 
 def _save_state(cfg, state: dict) -> None:

@@ -36,7 +36,7 @@ from ops.rank import MODES, TEXT_QUERIES, QueryOp, RankError, file_digest, needs
 from ops.schemas import RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
 from ops.search import RunningTopK
 from ops.storage import filesystem, is_s3, local_copy, read_bytes
-from pipelines.common import init_ray, plain, prepare_models, stage_and_commit
+from pipelines.common import init_ray, plain, prepare_models, stage_and_commit, write_staging
 from pipelines.ingest import read_manifest
 from pipelines.lake import Lake, TableError, lookup, open_dataset
 from pipelines.stages import any_rows, keep_changed
@@ -146,9 +146,9 @@ class GallerySearch:
     scan or the LanceDB index; writes `rankings` rows (without the run's columns)."""
 
     def __init__(self, lake: Lake, mode: str, top_k: int, search: str, block: int, exclude_reference: bool,
-                 index: dict, width: int, dim: int):
+                 index: dict, dim: int):
         self.lake, self.mode, self.k, self.search = lake, mode, top_k, search
-        self.block, self.exclude, self.index, self.width, self.dim = block, exclude_reference, index, width, dim
+        self.block, self.exclude, self.index, self.dim = block, exclude_reference, index, dim
         self.table = None
         if search == "ann":
             import lancedb
@@ -290,7 +290,7 @@ def run(cfg, run_id: str | None = None) -> RankSummary:
     results = resolved.map_batches(
         GallerySearch, fn_constructor_kwargs=dict(
             lake=lake, mode=mode, top_k=cfg.rank.top_k, search=search, block=cfg.rank.gallery_block,
-            exclude_reference=cfg.rank.exclude_reference, index=plain(cfg.index), width=samples * dim, dim=dim),
+            exclude_reference=cfg.rank.exclude_reference, index=plain(cfg.index), dim=dim),
         compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.rank.search_batch_size, batch_format="pyarrow")
     run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     provenance = {"run_id": run_id, "run_date": run_date, "mode": mode,
@@ -298,11 +298,7 @@ def run(cfg, run_id: str | None = None) -> RankSummary:
                   "embedder": cfg.models.embedder.name_or_path,
                   "config_hash": _digest({**v, "rank": {k: x for k, x in plain(cfg.rank).items() if k != "run_id"},
                                           "index": plain(cfg.index) if search == "ann" else None})}
-    import lance_ray
-
-    lake.clear_staging("rank_results")
-    lance_ray.write_lance(results, lake.staging_uri("rank_results"), schema=_result_schema(), mode="create",
-                          storage_options=lake.storage_options)
+    write_staging(results, lake, "rank_results", _result_schema())
     staged_results = open_dataset(lake.staging_uri("rank_results"), lake.storage_options)
     summary.rows = 0 if staged_results is None else staged_results.count_rows()
     if summary.rows == 0:

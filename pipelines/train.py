@@ -39,7 +39,7 @@ from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim
 from model.training import EMA, OptimConfig, load_training_state, make_optimizer, make_scheduler, save_training_state, train_step
 from ops.conditions import conditions_from_columns
 from ops.plots import line_chart_png
-from ops.storage import copy_dir, filesystem, local_copy, write_bytes
+from ops.storage import copy_dir, filesystem, local_copy, read_json, write_bytes
 from pipelines.common import init_ray, plain, prepare_models
 from pipelines.lake import Lake, check_vector_dim
 from pipelines.stages import read_table
@@ -116,15 +116,6 @@ def _stop_marker(cfg, stage: str) -> str:
     return f"{cfg.train.storage.rstrip('/')}/{cfg[f'train_{stage}'].run_name}/stopped.json"
 
 
-def _read_json(uri: str, s3: dict) -> dict | None:
-    fs, path = filesystem(uri, s3)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
-
-
 def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
     """A run folder whose checkpoints hold a model of another size is refused: resuming
     it would fail deep inside load_state_dict on every worker."""
@@ -132,7 +123,7 @@ def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
     newest = _newest_checkpoint(cfg.train.storage, sc.run_name, s3)
     if newest is None:
         return
-    found = _read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
+    found = read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
     found = found if stage == "stage1" else (found.get("prior_config") or {})
     diff = {k: (v, found.get(k)) for k, v in _expected(prior_config).items() if found.get(k) != v}
     if diff:
@@ -332,7 +323,7 @@ def run(cfg, stage: str) -> TrainSummary:
             load_prior(local_copy(sc.prior, lake.s3, cache), expected=_expected(prior_config))
     check_resumable(cfg, stage, prior_config, lake.s3)
     newest = _newest_checkpoint(tc.storage, sc.run_name, lake.s3)
-    before = (_read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
+    before = (read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
 
     marker_fs, marker = filesystem(_stop_marker(cfg, stage), lake.s3)
     if marker_fs.get_file_info(marker).type.name != "NotFound":
@@ -356,7 +347,7 @@ def run(cfg, stage: str) -> TrainSummary:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"train_{stage} failed after {tc.max_failures} restarts: {e}") from None
-    stopped = _read_json(_stop_marker(cfg, stage), lake.s3)
+    stopped = read_json(_stop_marker(cfg, stage), lake.s3)
     if stopped:
         kept = _newest_checkpoint(tc.storage, sc.run_name, lake.s3) or "none (no checkpoint was made yet)"
         raise TrainingError(f"train_{stage} stopped at step {stopped['step']}: the loss was {stopped['loss']} "

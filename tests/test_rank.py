@@ -75,7 +75,7 @@ def test_ann_index_recall_at_10_against_exact(tmp_path, tiny_models):
     assert "IVF_PQ index built" in index.run(cfg).line()
     lake = Lake.from_conf(cfg)
     args = dict(lake=lake, mode="query_only", top_k=10, block=512, exclude_reference=True, index=plain(cfg.index),
-                width=64, dim=64)
+                dim=64)
     exact = GallerySearch(search="exact", **args)(batch)
     ann = GallerySearch(search="ann", **args)(batch)
     hits = 0
