@@ -23,9 +23,10 @@ from model.prior import ControlAdapter, FusionDiffPrior
 
 
 def build(cfg, cond_dim: int, device: str, dtype: str):
-    from pipelines.common import plain
+    from pipelines.config import plain
 
-    prior = FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=cond_dim, **plain(cfg.prior))
+    with torch.device(device):  # initialised where it runs: a CPU init of 1.4B parameters takes long
+        prior = FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=cond_dim, **plain(cfg.prior))
     with torch.no_grad():
         for p in prior.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -54,7 +55,7 @@ def time_batch(sampler, prior, adapter, b: int, cond_tokens: int, cond_dim: int,
 
 
 def main() -> None:
-    from pipelines.common import plain
+    from pipelines.config import plain
     from pipelines.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,10 +23,13 @@ from model.prior import FusionDiffPrior
 from model.training import OptimConfig, make_optimizer, make_scheduler, train_step
 
 
-def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int, steps: int, autocast: bool) -> dict:
+def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int, steps: int, autocast: bool,
+               fused: bool = False) -> dict:
+    """Samples/s of `steps` training steps at batch b (after one warm-up step; a
+    compiled prior compiles there). `fused`: conf train.fused_optimizer."""
     device = prior.device
     params = [p for p in prior.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optim)
+    opt = make_optimizer(params, optim, fused=fused)
     sched = make_scheduler(opt, optim, 10 ** 6)
     noise = ddpm_scheduler(diffusion)
     z0 = torch.nn.functional.normalize(torch.randn(b, prior.config.d_vl, device=device), dim=-1)
@@ -54,7 +57,7 @@ def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int,
 
 
 def main() -> None:
-    from pipelines.common import plain
+    from pipelines.config import plain
     from pipelines.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-from model.prior import ControlAdapter, FusionDiffPrior
+from model.prior import ControlAdapter, FusionDiffPrior, compile_mode
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class SamplerConfig:
     control_scale: float  # delta
     samples_per_query: int
     aggregation: str  # mean or none
+    compile: str  # none, or a torch.compile mode (COMPILE_MODES)
+    cache_text: bool  # cross-attention keys/values of the text once per run, not per step
+
 
 
 class GuidedSampler:
@@ -106,22 +109,38 @@ class GuidedSampler:
             raise ValueError(f"sampling.sampler={sampling.sampler!r}: expected 'dpmsolver++' or 'ddpm'")
         if sampling.aggregation not in ("mean", "none"):
             raise ValueError(f"sampling.aggregation={sampling.aggregation!r}: expected 'mean' or 'none'")
+        # The denoiser the loop calls: plain, or compiled once per sampler. Compiled
+        # graphs are specialised to a batch size, so `sample` pads the rows to a power
+        # of two: at most log2(batch) graphs, and the last, short batch of a run reuses one.
+        self.denoise = self.guided_eps
+        if sampling.compile != "none":
+            self.denoise = torch.compile(self.guided_eps, mode=compile_mode(sampling.compile, "sampling.compile"),
+                                         dynamic=False)
 
-    def guided_eps(self, prior, x, t, cond, cond_mask, adapter, z_query) -> torch.Tensor:
-        """(1 + gamma) eps(x, t, c, z_q) - gamma eps(x, t, none, none), one forward of 2B rows."""
+    def guided_eps(self, prior, x, t, text, adapter, z_query) -> torch.Tensor:
+        """(1 + gamma) eps(x, t, c, z_q) - gamma eps(x, t, none, none), one forward of 2B rows.
+
+        `text` is `guided_text`'s: both halves' text side, computed once per run.
+        """
         gamma = self.cfg.guidance_scale
-        b = x.shape[0]
         if gamma == 0:
-            return prior(x, t, cond, cond_mask, adapter=adapter, z_query=z_query, control_scale=self.cfg.control_scale)
-        both = torch.cat([x, x])
-        cond2 = None if cond is None else torch.cat([cond, cond])
-        mask2 = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-        drop = torch.arange(2 * b, device=x.device) >= b
+            return prior(x, t, adapter=adapter, z_query=z_query, control_scale=self.cfg.control_scale, text=text)
+        b = x.shape[0]
         t2 = t if t.dim() == 0 else torch.cat([t, t])
-        eps = prior(both, t2, cond2, mask2, drop_cond=drop, adapter=adapter, z_query=z_query,
-                    control_rows=~drop if adapter is not None else None, control_scale=self.cfg.control_scale)
+        # The conditional half is the first b rows: the adapter runs on those alone.
+        eps = prior(torch.cat([x, x]), t2, adapter=adapter, z_query=z_query,
+                    control_rows=b if adapter is not None else None, control_scale=self.cfg.control_scale, text=text)
         cond_eps, uncond_eps = eps[:b], eps[b:]
         return (1 + gamma) * cond_eps - gamma * uncond_eps
+
+    def guided_text(self, prior, cond, cond_mask, b: int, adapter):
+        """The text side of guidance's 2B rows: the conditions, then B rows dropped to none."""
+        if self.cfg.guidance_scale == 0:
+            return prior.text_condition(cond, cond_mask, b, adapter=adapter, cache_kv=self.cfg.cache_text)
+        cond2 = None if cond is None else torch.cat([cond, cond])
+        mask2 = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+        drop = torch.arange(2 * b, device=prior.device) >= b
+        return prior.text_condition(cond2, mask2, 2 * b, drop, adapter=adapter, cache_kv=self.cfg.cache_text)
 
     @torch.no_grad()
     def sample(self, prior: FusionDiffPrior, cond: torch.Tensor | None, cond_mask: torch.Tensor | None,
@@ -139,10 +158,17 @@ class GuidedSampler:
         x = torch.randn((b * s, d), generator=generator, device=device)
         self.scheduler.set_timesteps(self.cfg.num_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
+        n = b * s
+        if self.cfg.compile != "none":
+            # Rows are independent (no batch statistics): zero rows pad, then are cut off.
+            pad = (1 << (n - 1).bit_length()) - n
+            grow = (lambda t: None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]))
+            cond, cond_mask, z_query, x = grow(cond), grow(cond_mask), grow(z_query), grow(x)
+        text = self.guided_text(prior, cond, cond_mask, x.shape[0], adapter)
         for t in self.scheduler.timesteps:
-            eps = self.guided_eps(prior, x.to(prior.dtype), t.to(device), cond, cond_mask, adapter, z_query).float()
+            eps = self.denoise(prior, x.to(prior.dtype), t.to(device), text, adapter, z_query).float()
             x = self.scheduler.step(eps, t, x, generator=generator).prev_sample
-        z = F.normalize(x / self.diffusion.scale(d), dim=-1).view(b, s, d)
+        z = F.normalize(x[:n] / self.diffusion.scale(d), dim=-1).view(b, s, d)
         if self.cfg.aggregation == "mean":
             return F.normalize(z.mean(dim=1), dim=-1)
         return z

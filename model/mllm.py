@@ -6,9 +6,11 @@ read with `from_pretrained`; only the config differs.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -65,7 +67,16 @@ def load_processor(name_or_path: str) -> ProcessorMixin:
 
 @dataclass
 class MLLM:
-    """A loaded MLLM: the model, its processor, where it lives and what it is called."""
+    """A loaded MLLM: the model, its processor, where it lives and what it is called.
+
+    preprocess_threads, normalize_on_device (conf models.<role>): the processor's work
+    on the CPU (resize, rescale, normalise, cut into patches: ~14 ms a 448x448 image)
+    bounds a GPU that embeds a batch in less time. With threads > 1 the batch is cut
+    into that many parts processed at once (numpy and the tokenizer release the GIL);
+    with normalize_on_device the processor leaves the pixels at 0-255 and the GPU
+    rescales and normalises them (per channel, the slowest step on the CPU). Both give
+    the processor's own inputs (tests/test_fast_paths.py).
+    """
 
     model: torch.nn.Module
     processor: ProcessorMixin
@@ -73,6 +84,8 @@ class MLLM:
     device: torch.device
     image_min_pixels: int
     image_max_pixels: int
+    preprocess_threads: int = 1
+    normalize_on_device: bool = False
 
     @property
     def tokenizer(self):
@@ -87,28 +100,91 @@ class MLLM:
         ]
         kwargs = {}
         if images:
-            kwargs["images"] = list(images)
             # Qwen-VL's pixel budget: shortest_edge/longest_edge hold min/max pixels.
             kwargs["size"] = {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels}
-        batch = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
-        return {k: v.to(self.device) for k, v in batch.items()}
+            if self.normalize_on_device:
+                kwargs.update(do_rescale=False, do_normalize=False)
+        parts = self._parts(texts, list(images or []))
+        if len(parts) == 1:
+            batch = self._process(*parts[0], kwargs)
+        else:
+            batch = _merge_left_padded(list(self._pool().map(lambda p: self._process(*p, kwargs), parts)),
+                                       self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if images and self.normalize_on_device:
+            batch["pixel_values"] = self._normalize(batch["pixel_values"])
+        return batch
+
+    def _process(self, texts: list[str], images: list[Image.Image], kwargs: dict) -> dict:
+        return dict(self.processor(text=texts, images=images or None, return_tensors="pt", padding=True, **kwargs))
+
+    def _parts(self, texts: list[str], images: list[Image.Image]) -> list[tuple[list[str], list[Image.Image]]]:
+        """At most preprocess_threads runs of consecutive rows, with the images they hold."""
+        n = min(self.preprocess_threads, len(texts))
+        if n <= 1:
+            return [(texts, images)]
+        token = self.processor.image_token
+        bounds = np.linspace(0, len(texts), n + 1).round().astype(int)
+        parts, used = [], 0
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            k = sum(t.count(token) for t in texts[lo:hi])
+            parts.append((texts[lo:hi], images[used:used + k]))
+            used += k
+        return parts
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if getattr(self, "_executor", None) is None:
+            self._executor = ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="preprocess")
+        return self._executor
+
+    def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The processor's rescale and normalise, on the model's device. Qwen-VL's patch
+        rows hold channel-major pixels (the vision tower reads them as C x T x p x p)."""
+        ip = self.processor.image_processor
+        mean = torch.tensor(ip.image_mean, device=pixels.device, dtype=torch.float32)[:, None]
+        std = torch.tensor(ip.image_std, device=pixels.device, dtype=torch.float32)[:, None]
+        x = pixels.float().view(pixels.shape[0], len(ip.image_mean), -1)
+        return ((x * ip.rescale_factor - mean) / std).view(pixels.shape)
+
+
+def _merge_left_padded(parts: list[dict], pad_id: int) -> dict:
+    """The processor outputs of consecutive runs of rows as one batch: per-token tensors
+    (the shape of input_ids) left-padded to the longest run, image tensors concatenated."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+    out = {}
+    for key in parts[0]:
+        values = []
+        for p in parts:
+            v = p[key]
+            if v.shape == p["input_ids"].shape and v.shape[1] < width:
+                fill = pad_id if key == "input_ids" else 0
+                v = torch.cat([v.new_full((v.shape[0], width - v.shape[1]), fill), v], dim=1)
+            values.append(v)
+        out[key] = torch.cat(values)
+    return out
 
 
 def load_mllm(name_or_path: str, dtype: str = "float32", device: str = "cpu",
-              image_min_pixels: int = 3136, image_max_pixels: int = 200704) -> MLLM:
+              image_min_pixels: int = 3136, image_max_pixels: int = 200704,
+              attn_implementation: str = "sdpa", preprocess_threads: int = 1,
+              normalize_on_device: bool = False) -> MLLM:
     # Left padding: the last position of every row is its real last token, which
     # both the fused embedding (last hidden state) and batched `generate` rely on.
     processor = load_processor(name_or_path)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype(dtype))
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype(dtype),
+                                                        attn_implementation=attn_implementation)
     model.to(device).eval()
-    return MLLM(model, processor, name_or_path, torch.device(device), image_min_pixels, image_max_pixels)
+    return MLLM(model, processor, name_or_path, torch.device(device), image_min_pixels, image_max_pixels,
+                preprocess_threads, normalize_on_device)
 
 
 def load_mllm_from_conf(m: dict) -> MLLM:
     """`load_mllm` from a `models.<role>` section of conf (a plain dict)."""
     return load_mllm(m["name_or_path"], dtype=m["dtype"], device=m["device"],
-                     image_min_pixels=m["image_min_pixels"], image_max_pixels=m["image_max_pixels"])
+                     image_min_pixels=m["image_min_pixels"], image_max_pixels=m["image_max_pixels"],
+                     attn_implementation=m["attn_implementation"], preprocess_threads=m["preprocess_threads"],
+                     normalize_on_device=m["normalize_on_device"])
 
 
 def _user_turn(image: Image.Image | None, text: str | None) -> dict:
@@ -120,28 +196,50 @@ def _user_turn(image: Image.Image | None, text: str | None) -> dict:
     return {"role": "user", "content": content}
 
 
+KV_CACHES = ("dynamic", "static", "static_compiled")
+
+
 class Captioner:
     """Image -> caption with the MLLM's `generate` (greedy, so reruns agree).
 
     The paper's mixed-length strategy (section 6.1) needs a long detailed caption for
     most pairs and a short one for the rest; each is one prompt and one length limit.
+
+    kv_cache (conf `caption.kv_cache`): "dynamic" grows the key/value cache token by
+    token (transformers' default); "static" allocates it once at its final length;
+    "static_compiled" also has transformers compile the one-token decoding step with
+    torch.compile (on GPUs), which removes most of the per-token launch overhead that
+    bounds decoding at moderate batch sizes. All three give the same greedy tokens
+    (tests/test_fast_paths.py).
     """
 
-    def __init__(self, mllm: MLLM):
+    def __init__(self, mllm: MLLM, kv_cache: str = "dynamic"):
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"caption.kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
         self.mllm = mllm
+        self.kv_cache = kv_cache
 
     @torch.inference_mode()
-    def generate(self, images: Sequence[Image.Image | None], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def generate_ids(self, images: Sequence[Image.Image | None], prompts: Sequence[str], max_new_tokens: int,
+                     min_new_tokens: int = 0) -> torch.Tensor:
+        """The new tokens, (B, <= max_new_tokens), padded after each row's end token.
+        min_new_tokens > 0 holds the end token back (benchmarks of random weights)."""
         conversations = [[_user_turn(im, p)] for im, p in zip(images, prompts)]
         present = [im for im in images if im is not None]
         batch = self.mllm.encode(conversations, present, add_generation_prompt=True)
         tok = self.mllm.tokenizer
+        cache = {}
+        if self.kv_cache != "dynamic":
+            cache = dict(cache_implementation="static", disable_compile=self.kv_cache == "static")
         out = self.mllm.model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            **batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **cache,
         )
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+        return out[:, batch["input_ids"].shape[1]:]
+
+    def generate(self, images: Sequence[Image.Image | None], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        new_tokens = self.generate_ids(images, prompts, max_new_tokens)
+        return [t.strip() for t in self.mllm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def caption(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int) -> list[str]:
         return self.generate(images, [prompt] * len(images), max_new_tokens)
@@ -184,6 +282,9 @@ class FusedEmbedder:
         ]
         present = [im for im in images if im is not None]
         batch = self.mllm.encode(conversations, present, add_generation_prompt=True, suffix=self.end_token)
-        out = self.mllm.model(**batch, output_hidden_states=True, use_cache=False)
-        last = out.hidden_states[-1][:, -1, :].float()
+        # The base model (no LM head): its last_hidden_state is the final-norm output GME
+        # reads, without the vocabulary projection of every position (151k x d_VL a
+        # token, ~6% of the work) or every layer's states.
+        out = self.mllm.model.base_model(**batch, use_cache=False)
+        last = out.last_hidden_state[:, -1, :].float()
         return F.normalize(last, dim=-1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,12 +71,20 @@ class Attention(nn.Module):
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `kv` (B, K, hidden), each (B, heads, K, hidden / heads)."""
+        b, n, d = kv.shape
+        h = self.num_heads
+        k, v = self.kv(kv).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                kv_proj: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """kv_proj: keys and values already projected from `kv` (project_kv), reused."""
         b, n, d = x.shape
-        kv = x if kv is None else kv
         h = self.num_heads
         q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
-        k, v = self.kv(kv).view(b, kv.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        k, v = kv_proj if kv_proj is not None else self.project_kv(x if kv is None else kv)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
@@ -98,11 +107,53 @@ class FusionDiffBlock(nn.Module):
                                  nn.Linear(hidden_mlp, hidden_size))
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 9 * hidden_size))
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
+                cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """cond_kv: the cross-attention's keys and values of `cond`, if already computed."""
         s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.ada_ln(t_emb).chunk(9, dim=-1)
         x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), s1, c1))
-        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), s2, c2), cond, cond_mask)
+        x = x + g2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), s2, c2), cond, cond_mask, cond_kv)
         return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, c3))
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(name: str, key: str, allowed: tuple[str, ...] = COMPILE_MODES) -> str | None:
+    """conf's compile setting -> torch.compile's `mode` (None = its default); refuses others."""
+    if name not in allowed:
+        raise ValueError(f"{key}={name!r}: expected one of {', '.join(allowed)}")
+    return None if name == "default" else name
+
+
+def compile_blocks(module: nn.Module, mode: str | None) -> nn.Module:
+    """Compiles every FusionDiffBlock of `module` in place (regional compilation).
+
+    The blocks are where the time goes and all share one code path, so one compiled
+    graph serves all 28 (42 with the adapter) and compiling takes seconds, not the
+    minutes of a whole-model graph; module wrappers around them (DDP, the adapter's
+    row selection) stay eager and untouched. `mode` is torch.compile's.
+    """
+    for block in module.modules():
+        if isinstance(block, FusionDiffBlock):
+            block.compile(mode=mode)
+    return module
+
+
+class TextCondition(NamedTuple):
+    """The text side of one batch, as the blocks consume it (FusionDiffPrior.text_condition).
+
+    tokens, mask: the projected text tokens with the null token first, and their key mask.
+    kv, adapter_kv: each cross-attention's keys and values of `tokens`, one pair per
+        prior block (encoder then decoder) and per control block; None = projected in
+        every forward. The text does not change over a sampling run's steps, so the
+        sampler computes them once (conf sampling.cache_text).
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    kv: tuple | None = None
+    adapter_kv: tuple | None = None
 
 
 class FusionDiffPrior(ModelMixin, ConfigMixin):
@@ -137,7 +188,9 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         # P: R^d_VL -> C x H x W (eq. 10), then patches -> tokens (eq. 11).
         self.projector = nn.Linear(d_vl, map_channels * map_size * map_size)
         self.patch_embed = nn.Linear(patch_dim, hidden_size)
-        self.register_buffer("pos_embed", sincos_positions(self.side, hidden_size).unsqueeze(0), persistent=False)
+        # On the projector's device: built under `with torch.device(...)` the model is born there.
+        self.register_buffer("pos_embed", sincos_positions(self.side, hidden_size).unsqueeze(0).to(
+            self.projector.weight.device), persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_size)
         # The text tokens' projection MLP (section 7, "Text Conditioning").
         self.cond_proj = nn.Sequential(nn.Linear(cond_dim, hidden_size), nn.GELU(approximate="tanh"),
@@ -205,39 +258,57 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         ones = torch.ones(batch, 1, dtype=torch.bool, device=mask.device)
         return torch.cat([null, tokens], dim=1), torch.cat([ones, mask], dim=1)
 
+    def text_condition(self, cond: torch.Tensor | None, cond_mask: torch.Tensor | None, batch: int,
+                       drop: torch.Tensor | None = None, adapter: "ControlAdapter | None" = None,
+                       cache_kv: bool = False) -> TextCondition:
+        """`condition`, and with cache_kv every cross-attention's keys and values of it."""
+        tokens, mask = self.condition(cond, cond_mask, batch, drop)
+        if not cache_kv:
+            return TextCondition(tokens, mask)
+        kv = tuple(b.cross_attn.project_kv(tokens) for b in [*self.encoder_blocks, *self.decoder_blocks])
+        adapter_kv = None if adapter is None else tuple(b.cross_attn.project_kv(tokens) for b in adapter.control_blocks)
+        return TextCondition(tokens, mask, kv, adapter_kv)
+
     def forward(self, z_n: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None,
                 cond_mask: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
                 adapter: "ControlAdapter | None" = None, z_query: torch.Tensor | None = None,
-                control_rows: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
+                control_rows: torch.Tensor | int | None = None, control_scale: float = 1.0,
+                text: TextCondition | None = None) -> torch.Tensor:
         """Predicted noise, (B, d_VL).
 
         cond, cond_mask: text tokens (B, K, cond_dim) and their mask (True = real token).
         drop_cond: (B,) rows whose text is replaced by the null condition (CFG).
         adapter, z_query, control_rows, control_scale: Stage 2 (see ControlAdapter);
-            control_rows (B,) selects the rows the adapter acts on, None = all rows;
+            control_rows selects the rows the adapter acts on (see ControlAdapter.forward);
             z_query holds either one row per batch row or one per selected row (the
             guided sampler passes the latter: the conditional half only).
+        text: the text side computed beforehand (text_condition); cond, cond_mask and
+            drop_cond are then not read.
         """
         if z_n.shape[-1] != self.config.d_vl:
             raise ValueError(f"z_n has size {z_n.shape[-1]}, the prior expects d_vl={self.config.d_vl}")
         b = z_n.shape[0]
         t_emb = self.t_embedder(timesteps.expand(b) if timesteps.dim() == 0 else timesteps)
-        c, c_mask = self.condition(cond, cond_mask, b, drop_cond)
+        if text is None:
+            text = self.text_condition(cond, cond_mask, b, drop_cond)
+        c, c_mask = text.tokens, text.mask
+        n_enc = len(self.encoder_blocks)
+        kv = text.kv or (None,) * (n_enc + len(self.decoder_blocks))
         x = self.tokens(z_n)
         x0 = x
         skips = []
-        for block in self.encoder_blocks:
-            x = block(x, t_emb, c, c_mask)
+        for block, block_kv in zip(self.encoder_blocks, kv[:n_enc]):
+            x = block(x, t_emb, c, c_mask, block_kv)
             skips.append(x)
         if adapter is not None:
-            skips = adapter(self, x0, skips, t_emb, c, c_mask, z_query, control_rows, control_scale)
+            skips = adapter(self, x0, skips, t_emb, c, c_mask, z_query, control_rows, control_scale, text.adapter_kv)
         # Decoder: block j takes the running stream plus the j-th encoder output from the
         # end (eq. 6's y_c,L-j+1); the first decoder block starts from the last one.
         x = skips[-1]
-        for j, block in enumerate(self.decoder_blocks):
+        for j, (block, block_kv) in enumerate(zip(self.decoder_blocks, kv[n_enc:])):
             if j:
                 x = x + skips[-1 - j]
-            x = block(x, t_emb, c, c_mask)
+            x = block(x, t_emb, c, c_mask, block_kv)
         shift, scale = self.final_ada_ln(t_emb).chunk(2, dim=-1)
         x = self.unpatch(modulate(self.final_norm(x), shift, scale))
         cm, s, p = self.config.map_channels, self.config.map_size, self.config.patch_size
@@ -295,29 +366,42 @@ class ControlAdapter(ModelMixin, ConfigMixin):
 
     def forward(self, prior: FusionDiffPrior, x0: torch.Tensor, enc_outs: list[torch.Tensor], t_emb: torch.Tensor,
                 c: torch.Tensor, c_mask: torch.Tensor, z_query: torch.Tensor | None,
-                rows: torch.Tensor | None, control_scale: float) -> list[torch.Tensor]:
+                rows: torch.Tensor | int | None, control_scale: float,
+                cond_kv: tuple | None = None) -> list[torch.Tensor]:
         """The decoder's skip inputs: the encoder outputs plus delta times the control residuals.
 
-        Only `rows` (a boolean mask; None = all) run the control branch: the rest (the
-        unconditional half of guidance, where z_{r,Delta} is "none") get the encoder
-        outputs untouched, and cost nothing.
+        Only `rows` run the control branch: None = all rows, a boolean mask (training,
+        where dropped rows are scattered), or an int n = the first n rows (the guided
+        sampler, whose conditional half comes first: slicing has a fixed shape, so it
+        compiles and never waits on the GPU, where a mask needs `nonzero`). The rest
+        (the unconditional half of guidance, where z_{r,Delta} is "none") get the
+        encoder outputs untouched, and cost nothing. cond_kv: the control blocks' cross-
+        attention keys and values of all rows (TextCondition.adapter_kv), or None.
         """
-        if z_query is None or (rows is not None and not bool(rows.any())):
+        if z_query is None:
+            return enc_outs
+        if isinstance(rows, torch.Tensor) and not bool(rows.any()):
             return enc_outs
         if z_query.shape[-1] != self.config.d_vl:
             raise ValueError(f"z_query has size {z_query.shape[-1]}, the adapter expects d_vl={self.config.d_vl}")
-        idx = None if rows is None else rows.nonzero(as_tuple=True)[0]
-        pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-        zq = z_query if idx is None or z_query.shape[0] == idx.shape[0] else pick(z_query)
+        if rows is None:
+            pick = (lambda t: t)
+            merge = (lambda full, part: full + part)
+        elif isinstance(rows, int):
+            pick = (lambda t: t[:rows])
+            merge = (lambda full, part: torch.cat([full[:rows] + part, full[rows:]]))
+        else:
+            idx = rows.nonzero(as_tuple=True)[0]
+            pick = (lambda t: t.index_select(0, idx))
+            merge = (lambda full, part: full.index_add(0, idx, part))
+        n = pick(x0).shape[0]
+        zq = z_query if z_query.shape[0] == n else pick(z_query)
         t_c, c_c, m_c = pick(t_emb), pick(c), pick(c_mask)
         h = pick(x0) + self.z1(prior.tokens(zq))
+        kvs = [None if cond_kv is None else (pick(cond_kv[l][0]), pick(cond_kv[l][1])) for l in range(len(self.z2))]
         out = []
         for l, (block, z2) in enumerate(zip(self.control_blocks, self.z2)):
-            residual = z2(block(h, t_c, c_c, m_c))
-            enc = pick(enc_outs[l])
-            h = enc + residual  # y_c,l feeds the next control block (eq. 6)
-            if idx is None:
-                out.append(enc_outs[l] + control_scale * residual)
-            else:
-                out.append(enc_outs[l].index_add(0, idx, control_scale * residual))
+            residual = z2(block(h, t_c, c_c, m_c, kvs[l]))
+            h = pick(enc_outs[l]) + residual  # y_c,l feeds the next control block (eq. 6)
+            out.append(merge(enc_outs[l], control_scale * residual))
         return out

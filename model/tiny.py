@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -56,10 +57,23 @@ def _train_bpe(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
+def tiny_processor(corpus: Iterable[str], vocab_size: int, image_min_pixels: int,
+                   image_max_pixels: int) -> tuple[ProcessorMixin, dict[str, int]]:
+    """A Qwen-VL processor (BPE tokenizer trained on `corpus`, Qwen's image processor)
+    and the ids of Qwen's special tokens in it."""
+    tokenizer = _train_bpe(corpus, vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=image_min_pixels, max_pixels=image_max_pixels)
+    processor = _image_only_processor_class(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return processor, ids
+
+
 def build_tiny_mllm(out_dir: str, spec: dict, corpus: Iterable[str], seed: int) -> str:
     """A Qwen2.5-VL-family MLLM at toy size, saved to `out_dir`; returns `out_dir`."""
-    tokenizer = _train_bpe(corpus, spec["vocab_size"])
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    processor, ids = tiny_processor(corpus, spec["vocab_size"], spec["image_min_pixels"], spec["image_max_pixels"])
+    tokenizer = processor.tokenizer
     head_dim = spec["hidden_size"] // spec["num_attention_heads"]
     # Qwen's multimodal rope splits head_dim/2 frequencies over (time, height, width).
     half = head_dim // 2
@@ -86,10 +100,6 @@ def build_tiny_mllm(out_dir: str, spec: dict, corpus: Iterable[str], seed: int) 
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=spec["image_min_pixels"], max_pixels=spec["image_max_pixels"])
-    processor = _image_only_processor_class(Qwen2_5_VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE,
-    )
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

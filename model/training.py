@@ -35,9 +35,11 @@ class OptimConfig:
         return cls(**{f.name: section[f.name] for f in fields(cls)})
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; `fused` (conf `train.fused_optimizer`) updates every parameter in one kernel
+    per step instead of a loop of small ones: the same arithmetic (tests/test_fast_paths.py)."""
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=fused or None)
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

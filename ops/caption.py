@@ -14,7 +14,7 @@ class CaptionOp:
     """Loads the captioner once (per Ray actor) and captions one batch per call."""
 
     def __init__(self, model: dict, caption: dict, s3: dict | None):
-        self.captioner = Captioner(load_mllm_from_conf(model))
+        self.captioner = Captioner(load_mllm_from_conf(model), caption["kv_cache"])
         self.model_name = model["name_or_path"]
         self.conf = caption
         self.s3 = s3

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from omegaconf import OmegaConf
 
+from pipelines.config import plain  # noqa: F401  (re-exported: the stages import it from here)
 from pipelines.lake import Lake
 
 log = logging.getLogger("pipelines")
@@ -29,11 +29,6 @@ def init_ray(cfg) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(cfg.ray.progress_bars)
     ctx.verbose_stats_logs = False
-
-
-def plain(node) -> dict:
-    """A config section as a plain dict, as ops take it (ops know nothing of OmegaConf)."""
-    return OmegaConf.to_container(node, resolve=True)
 
 
 def prepare_models(cfg) -> None:

@@ -107,3 +107,9 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
     OmegaConf.set_readonly(resolved, True)
     OmegaConf.set_struct(resolved, True)
     return resolved
+
+
+def plain(node) -> dict:
+    """A config section as a plain dict, as ops take it (ops know nothing of OmegaConf)."""
+    return OmegaConf.to_container(node, resolve=True)
+

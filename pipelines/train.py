@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from model.checkpoints import CheckpointMismatch, load_prior
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
-from model.prior import ControlAdapter, FusionDiffPrior
+from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim
 from model.training import EMA, OptimConfig, load_training_state, make_optimizer, make_scheduler, save_training_state, train_step
 from ops.conditions import conditions_from_columns
@@ -46,6 +46,9 @@ from pipelines.stages import read_table
 from pipelines.triplets import text_encoder_name
 
 STAGES = ("stage1", "stage2")
+# CUDA graphs (reduce-overhead) are left out: per-block graphs around autograd gain
+# little and pin memory for every captured shape.
+TRAIN_COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 MODEL_DIR, EMA_MODEL_DIR = "model", "ema_model"
 
 
@@ -210,7 +213,7 @@ def train_loop(config: dict) -> None:
     model.to(device)
     optim = OptimConfig.from_conf(plain(sc))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optim)
+    opt = make_optimizer(params, optim, fused=tc.fused_optimizer)
     sched = make_scheduler(opt, optim, total)
     ema = EMA(model, sc.ema_decay) if sc.ema_decay > 0 and rank == 0 else None
     state = {"stage": stage, "step": 0, "metrics": []}
@@ -222,6 +225,11 @@ def train_loop(config: dict) -> None:
     # its parameters unused; DDP must be told.
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": stage == "stage2"})
+    if tc.compile != "none":
+        # The frozen prior too: in Stage 2 its forward is most of the step.
+        mode = compile_mode(tc.compile, "train.compile", TRAIN_COMPILE_MODES)
+        compile_blocks(prior, mode)
+        compile_blocks(model, mode)
     encoder = None
     if tc.text_conditions == "worker":
         encoder = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder),
@@ -295,6 +303,10 @@ def run(cfg, stage: str) -> TrainSummary:
     sc, tc = cfg[f"train_{stage}"], cfg.train
     if tc.text_conditions not in ("worker", "precomputed"):
         raise TrainingError(f"train.text_conditions={tc.text_conditions!r}: expected 'worker' or 'precomputed'")
+    try:
+        compile_mode(tc.compile, "train.compile", TRAIN_COMPILE_MODES)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     started = time.monotonic()
     init_ray(cfg)
     prepare_models(cfg)

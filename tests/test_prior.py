@@ -131,9 +131,11 @@ def test_guidance_combines_the_two_branches_in_one_forward():
         cond = prior(z, t, c, mask, adapter=adapter, z_query=zq)
         uncond = prior(z, t, c, mask, drop_cond=torch.ones(3, dtype=torch.bool))
         for gamma in (0.0, 2.5):
-            s = GuidedSampler(diffusion, SamplerConfig(**{**sampling, "guidance_scale": gamma}))
-            eps = s.guided_eps(prior, z, t, c, mask, adapter, zq)
-            assert torch.allclose(eps, (1 + gamma) * cond - gamma * uncond, atol=1e-5)
+            for cache_text in (False, True):
+                s = GuidedSampler(diffusion, SamplerConfig(**{**sampling, "guidance_scale": gamma,
+                                                              "cache_text": cache_text}))
+                eps = s.guided_eps(prior, z, t, s.guided_text(prior, c, mask, 3, adapter), adapter, zq)
+                assert torch.allclose(eps, (1 + gamma) * cond - gamma * uncond, atol=1e-5)
     assert torch.allclose(uncond, prior(z, t, None, None), atol=1e-6)  # dropped text == no text
 
 
@@ -145,6 +147,9 @@ class PerfectPredictor(torch.nn.Module):
         self.x0, self.abar = x0, ddpm_scheduler(diffusion).alphas_cumprod
         self.config = type("C", (), {"d_vl": x0.shape[1]})()
         self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def text_condition(self, *args, **kwargs):
+        return None  # it reads no text
 
     def forward(self, x, t, *args, **kwargs):
         a = self.abar[t.long()].view(-1, 1) if t.dim() else self.abar[t.long()]
