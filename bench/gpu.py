@@ -142,17 +142,22 @@ def bench_sampling(cfg, rec: Recorder, device: torch.device, dtype: str) -> None
         torch._dynamo.reset()
 
 
-def _sampling_tflop_per_query(prior, adapter, steps: int, cond_tokens: int) -> float:
-    """Matrix-product TFLOP of one query: per step, the prior's blocks on both halves of
-    guidance and the adapter's on the conditional half (embeddings and heads left out)."""
-    cfg = prior.config
-    t, h, r, kc = (cfg.map_size // cfg.patch_size) ** 2, cfg.hidden_size, cfg.mlp_ratio, cond_tokens + 1
-    macs = (t * (6 + 2 * r) * h * h      # q/kv/out of self-attention, q/out of cross-attention, FFN
+def _block_macs(prior_cfg, cond_tokens: int) -> float:
+    """Multiply-adds of one FusionDiffBlock on one row (embeddings and heads left out)."""
+    t = (prior_cfg.map_size // prior_cfg.patch_size) ** 2
+    h, r, kc = prior_cfg.hidden_size, prior_cfg.mlp_ratio, cond_tokens + 1
+    return (t * (6 + 2 * r) * h * h      # q/kv/out of self-attention, q/out of cross-attention, FFN
             + kc * 2 * h * h             # cross-attention's keys and values of the text tokens
             + 2 * t * t * h + 2 * t * kc * h  # the attention products
             + 9 * h * h)                 # AdaLN, once per row
+
+
+def _sampling_tflop_per_query(prior, adapter, steps: int, cond_tokens: int) -> float:
+    """Matrix-product TFLOP of one query: per step, the prior's blocks on both halves of
+    guidance and the adapter's on the conditional half."""
+    cfg = prior.config
     blocks = 2 * (cfg.num_encoder_blocks + cfg.num_decoder_blocks) + len(adapter.control_blocks)
-    return steps * 2 * macs * blocks / 1e12
+    return steps * 2 * _block_macs(cfg, cond_tokens) * blocks / 1e12
 
 
 # -- training -------------------------------------------------------------------------
@@ -175,14 +180,13 @@ def bench_training(cfg, rec: Recorder, device: torch.device) -> None:
                     prior = FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=tc.cond_dim, **plain(cfg.prior))
                 if compile_name != "none":
                     compile_blocks(prior, compile_mode(compile_name, "train.compile"))
-                params = sum(p.numel() for p in prior.parameters())
                 started = time.perf_counter()
                 row = time_batch(prior, diffusion, optim, b, k, tc.cond_dim, tc.steps,
                                  autocast=device.type == "cuda", fused=bool(fused))
                 row.pop("batch")
-                # forward 2 x params x tokens (attention's products are small here), backward twice that.
-                tokens = (cfg.prior.map_size // cfg.prior.patch_size) ** 2
-                row["tflop_per_s"] = round(row["samples_per_s"] * 6 * params * tokens / 1e12, 1)
+                # The backward pass costs twice the forward.
+                blocks = cfg.prior.num_encoder_blocks + cfg.prior.num_decoder_blocks
+                row["tflop_per_s"] = round(row["samples_per_s"] * 3 * 2 * _block_macs(prior.config, k) * blocks / 1e12, 1)
                 row["wall_s"] = round(time.perf_counter() - started, 1)
                 return row
 

@@ -6,11 +6,12 @@ synthetic ablation call the same functions.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,6 +62,38 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))
 
 
+def accumulate_gradients(loss_of_rows: Callable[[slice], torch.Tensor], rows: int, micro_batch: int,
+                         no_sync: Callable[[], ContextManager] | None = None) -> torch.Tensor:
+    """Backward of a batch's mean loss, `micro_batch` rows at a time (0: all at once).
+
+    The gradients are those of the whole batch's mean (each part's mean loss weighted
+    by its share of rows), with one part's activations in memory at a time: a global
+    batch larger than fits on the GPUs (the paper's 4096) trains as the same step.
+    `no_sync` (DDP's) holds the gradient all-reduce back until the last part. Returns
+    the batch's mean loss, detached.
+    """
+    size = micro_batch if micro_batch > 0 else rows
+    starts = list(range(0, rows, size))
+    total = torch.zeros(())
+    for i, lo in enumerate(starts):
+        hi = min(lo + size, rows)
+        hold = no_sync is not None and i < len(starts) - 1
+        with no_sync() if hold else contextlib.nullcontext():
+            loss = loss_of_rows(slice(lo, hi))
+            (loss * ((hi - lo) / rows)).backward()
+        total = total.to(loss.device) + loss.detach().float() * ((hi - lo) / rows)
+    return total
+
+
+def apply_step(opt: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter], grad_clip: float) -> float:
+    """Clip the accumulated gradients, step, clear them; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def train_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter],
                grad_clip: float) -> float:
     """Backward, clip, step; returns the gradient norm before clipping. A NaN or Inf
@@ -69,10 +102,7 @@ def train_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scheduler, params
         raise FloatingPointError(f"loss is {loss.item()}: stopping before the weights are updated")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-    scheduler.step()
-    return float(norm)
+    return apply_step(opt, scheduler, params, grad_clip)
 
 
 class EMA:

@@ -36,7 +36,8 @@ from model.checkpoints import CheckpointMismatch, load_prior
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim
-from model.training import EMA, OptimConfig, load_training_state, make_optimizer, make_scheduler, save_training_state, train_step
+from model.training import (EMA, OptimConfig, accumulate_gradients, apply_step, load_training_state, make_optimizer,
+                            make_scheduler, save_training_state)
 from ops.conditions import conditions_from_columns
 from ops.plots import line_chart_png
 from ops.storage import copy_dir, filesystem, local_copy, read_json, write_bytes
@@ -255,12 +256,18 @@ def train_loop(config: dict) -> None:
             step = state["step"]
             _maybe_inject_failure(cfg, stage, step, rank, world)
             z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
-            with torch.autocast(**autocast):
-                if stage == "stage1":
-                    loss = diffusion_loss(wrapped, diffusion, z0, c, m, generator=gen, scheduler=noise_sched)
-                else:
-                    loss = diffusion_loss(prior, diffusion, z0, c, m, adapter=wrapped, z_query=zq,
-                                          generator=gen, scheduler=noise_sched)
+
+            def loss_of_rows(rows: slice) -> torch.Tensor:
+                take = (lambda t: None if t is None else t[rows])
+                with torch.autocast(**autocast):
+                    if stage == "stage1":
+                        return diffusion_loss(wrapped, diffusion, z0[rows], take(c), take(m), generator=gen,
+                                              scheduler=noise_sched)
+                    return diffusion_loss(prior, diffusion, z0[rows], take(c), take(m), adapter=wrapped,
+                                          z_query=take(zq), generator=gen, scheduler=noise_sched)
+
+            loss = accumulate_gradients(loss_of_rows, z0.shape[0], tc.micro_batch_size,
+                                        getattr(wrapped, "no_sync", None))
             if tc.nan_at_step == step:
                 loss = loss * float("nan")
             mean_loss, finite = _finite_mean(loss.detach(), world, device)
@@ -269,7 +276,7 @@ def train_loop(config: dict) -> None:
                     write_bytes(_stop_marker(cfg, stage), json.dumps(
                         {"step": step, "loss": float(loss), "reason": "non-finite loss"}).encode(), plain(cfg.storage.s3))
                 return
-            grad_norm = train_step(loss, opt, sched, params, optim.grad_clip)
+            grad_norm = apply_step(opt, sched, params, optim.grad_clip)
             if ema is not None:
                 ema.update(model)
             state["step"] = step + 1
@@ -303,6 +310,8 @@ def run(cfg, stage: str) -> TrainSummary:
     sc, tc = cfg[f"train_{stage}"], cfg.train
     if tc.text_conditions not in ("worker", "precomputed"):
         raise TrainingError(f"train.text_conditions={tc.text_conditions!r}: expected 'worker' or 'precomputed'")
+    if tc.micro_batch_size < 0:
+        raise TrainingError(f"train.micro_batch_size={tc.micro_batch_size}: expected 0 (whole batches) or more")
     try:
         compile_mode(tc.compile, "train.compile", TRAIN_COMPILE_MODES)
     except ValueError as e:

@@ -83,8 +83,10 @@ def test_stage1_one_worker_learns_exports_and_rerun_resumes(stage1_one):
 def test_stage1_two_workers_resume_after_an_injected_failure(lake_dir, tiny_models):
     from pipelines.train import run
 
+    # Micro-batches of 3 of each worker's 8 rows: gradient accumulation under DDP (no_sync).
     cfg = _cfg(lake_dir, tiny_models, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.checkpoint_every=5",
                "train.fail_at_step=7", "train_stage1.max_steps=12", "train_stage1.run_name=faulty",
+               "train.micro_batch_size=3",
                f"train_stage1.output={lake_dir}/out/faulty")
     s = run(cfg, "stage1")
     assert (s.step, s.total, s.restarts) == (12, 12, 1)
