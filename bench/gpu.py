@@ -258,10 +258,10 @@ def bench_embedding(cfg, rec: Recorder, device: torch.device, dtype: str) -> Non
 
     es = cfg.gpu_bench.embedding
     mllm, params = random_mllm(es, cfg, "embedder", device, dtype, cfg.models.embedder.attn_implementation)
-    embedder = FusedEmbedder(mllm, cfg.models.embedder.instruction, cfg.models.embedder.end_token)
     text = text_of_tokens(mllm.tokenizer, es.text_tokens)
-    for threads, on_device in es.preprocess:
+    for threads, on_device, parts in es.preprocess:
         mllm.preprocess_threads, mllm.normalize_on_device, mllm._executor = threads, bool(on_device), None
+        embedder = FusedEmbedder(mllm, cfg.models.embedder.instruction, cfg.models.embedder.end_token, parts)
         for b in es.batches:
             images = random_images(b, es.image_side, b)
             texts = [text] * b
@@ -281,6 +281,7 @@ def bench_embedding(cfg, rec: Recorder, device: torch.device, dtype: str) -> Non
                         "params_m": round(params / 1e6), "peak_mem_gib": peak_gib(device)}
 
             guarded(rec, "embedding", {"preprocess_threads": threads, "normalize_on_device": bool(on_device),
+                                       "overlap_parts": parts,
                                        "batch": b, "image_side": es.image_side, "text_tokens": es.text_tokens,
                                        "attn_implementation": cfg.models.embedder.attn_implementation,
                                        "dtype": dtype}, measure)

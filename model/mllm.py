@@ -252,14 +252,25 @@ class FusedEmbedder:
     instruction, a user turn carrying the image and/or text), as GME builds it; the
     embedding is the final hidden state of the last token, L2-normalised
     (fusion-diff section 3.1).
+
+    overlap_parts (conf models.embedder.overlap_parts): a batch is embedded in that many
+    consecutive parts, the processor preparing part i+1 on a second thread while the
+    model runs part i, so the CPU's share of the time hides behind the GPU's. 1: one
+    part, nothing overlapped. Same vectors (tests/test_fast_paths.py).
     """
 
-    def __init__(self, mllm: MLLM, instruction: str, end_token: str):
+    def __init__(self, mllm: MLLM, instruction: str, end_token: str, overlap_parts: int = 1):
         self.mllm = mllm
         self.instruction = instruction
         # GME ends the sequence with an end-of-text token after the assistant header and
         # reads that position's state; the token is a config value.
         self.end_token = end_token
+        self.overlap_parts = max(1, overlap_parts)
+
+    @classmethod
+    def from_conf(cls, m: dict) -> "FusedEmbedder":
+        """From the `models.embedder` section of conf (a plain dict)."""
+        return cls(load_mllm_from_conf(m), m["instruction"], m["end_token"], m["overlap_parts"])
 
     @property
     def dim(self) -> int:
@@ -268,6 +279,7 @@ class FusedEmbedder:
 
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None) -> torch.Tensor:
+        """(B, d_VL) float32 unit vectors, on the CPU."""
         n = len(images) if images is not None else len(texts)
         images = list(images) if images is not None else [None] * n
         texts = list(texts) if texts is not None else [None] * n
@@ -280,11 +292,28 @@ class FusedEmbedder:
             [{"role": "system", "content": [{"type": "text", "text": self.instruction}]}, _user_turn(im, t)]
             for im, t in zip(images, texts)
         ]
-        present = [im for im in images if im is not None]
-        batch = self.mllm.encode(conversations, present, add_generation_prompt=True, suffix=self.end_token)
+
+        def encode(lo: int, hi: int) -> dict:
+            present = [im for im in images[lo:hi] if im is not None]
+            return self.mllm.encode(conversations[lo:hi], present, add_generation_prompt=True, suffix=self.end_token)
+
+        bounds = np.linspace(0, n, min(self.overlap_parts, n) + 1).round().astype(int).tolist()
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        if len(parts) == 1:
+            return self._last_state(encode(0, n))
+        out = []
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+            upcoming = prefetch.submit(encode, *parts[0])
+            for i in range(len(parts)):
+                batch = upcoming.result()
+                if i + 1 < len(parts):
+                    upcoming = prefetch.submit(encode, *parts[i + 1])
+                out.append(self._last_state(batch))  # waits on the GPU with the GIL released
+        return torch.cat(out)
+
+    def _last_state(self, batch: dict) -> torch.Tensor:
         # The base model (no LM head): its last_hidden_state is the final-norm output GME
         # reads, without the vocabulary projection of every position (151k x d_VL a
         # token, ~6% of the work) or every layer's states.
         out = self.mllm.model.base_model(**batch, use_cache=False)
-        last = out.last_hidden_state[:, -1, :].float()
-        return F.normalize(last, dim=-1)
+        return F.normalize(out.last_hidden_state[:, -1, :].float(), dim=-1).cpu()

@@ -17,7 +17,8 @@ COND_FIELDS = [pa.field("cond_tokens", pa.list_(pa.float32())), pa.field("cond_l
 def conditions_to_arrow(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[pa.Array, pa.Array]:
     """(B, K, D) tokens and their mask -> (flattened real tokens per row, their counts)."""
     lens = mask.sum(1).tolist()
-    flat = [tokens[i, :n].float().reshape(-1).numpy() for i, n in enumerate(lens)]
+    tokens = tokens.float().cpu()  # the encoder's output may live on a GPU
+    flat = [tokens[i, :n].reshape(-1).numpy() for i, n in enumerate(lens)]
     return pa.array(flat, type=pa.list_(pa.float32())), pa.array(lens, type=pa.int32())
 
 

@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from model.mllm import FusedEmbedder, load_mllm_from_conf
+from model.mllm import FusedEmbedder
 from ops.images import ImageRejected, load_image
 from ops.schemas import embeddings_schema, with_reject_reason
 
@@ -37,7 +37,7 @@ class EmbedOp:
     """
 
     def __init__(self, model: dict, s3: dict | None):
-        self.embedder = FusedEmbedder(load_mllm_from_conf(model), model["instruction"], model["end_token"])
+        self.embedder = FusedEmbedder.from_conf(model)
         if self.embedder.dim != model["dim"]:
             raise EmbeddingSizeError(
                 f"embedder {model['name_or_path']!r} gives vectors of size {self.embedder.dim}, "

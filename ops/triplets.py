@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from model.mllm import FusedEmbedder, load_mllm_from_conf
+from model.mllm import FusedEmbedder
 from ops.conditions import conditions_to_arrow
 from ops.embed import vectors_to_arrow
 from ops.images import ImageLimits, ImageRejected, load_image, probe_image, sha256_hex
@@ -55,7 +55,7 @@ class TripletEmbedOp:
     """Loads f_M once (and the text encoder when conditions are precomputed) per Ray actor."""
 
     def __init__(self, model: dict, s3: dict | None, text_encoder: dict | None = None):
-        self.embedder = FusedEmbedder(load_mllm_from_conf(model), model["instruction"], model["end_token"])
+        self.embedder = FusedEmbedder.from_conf(model)
         self.dim, self.model_name, self.s3 = model["dim"], model["name_or_path"], s3
         self.encoder = None
         if text_encoder is not None:

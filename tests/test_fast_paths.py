@@ -195,9 +195,10 @@ def test_threaded_preprocessing_and_device_normalisation_give_the_processor_inpu
 def test_embedder_fast_preprocessing_and_base_model_state(plain_mllm, fast_mllm):
     ims = images(5)
     plain_e = FusedEmbedder(plain_mllm, "Represent the user's input.", "<|endoftext|>")
-    fast_e = FusedEmbedder(fast_mllm, "Represent the user's input.", "<|endoftext|>")
     v = plain_e.embed(images=ims, texts=TEXTS)
-    assert rel(fast_e.embed(images=ims, texts=TEXTS), v) < 1e-5
+    for parts in (1, 2, 5):  # 2: uneven parts, the second prepared while the first runs
+        fast_e = FusedEmbedder(fast_mllm, "Represent the user's input.", "<|endoftext|>", overlap_parts=parts)
+        assert rel(fast_e.embed(images=ims, texts=TEXTS), v) < 1e-5
     # The base model's last state is what the full model's last hidden state was (the
     # embedder no longer runs the LM head for it).
     conv = [[{"role": "system", "content": [{"type": "text", "text": "Represent the user's input."}]},
