@@ -254,9 +254,10 @@ class FusedEmbedder:
     (fusion-diff section 3.1).
 
     overlap_parts (conf models.embedder.overlap_parts): a batch is embedded in that many
-    consecutive parts, the processor preparing part i+1 on a second thread while the
-    model runs part i, so the CPU's share of the time hides behind the GPU's. 1: one
-    part, nothing overlapped. Same vectors (tests/test_fast_paths.py).
+    parts of similar length (fewer pad tokens), the processor preparing part i+1 on a
+    second thread while the model runs part i, so the CPU's share of the time can hide
+    behind the GPU's. 1: one part, nothing overlapped. Same vectors
+    (tests/test_fast_paths.py).
     """
 
     def __init__(self, mllm: MLLM, instruction: str, end_token: str, overlap_parts: int = 1):
@@ -301,6 +302,12 @@ class FusedEmbedder:
         parts = list(zip(bounds[:-1], bounds[1:]))
         if len(parts) == 1:
             return self._last_state(encode(0, n))
+        # Parts are cut from the batch in order of length (pixels, then text), so that
+        # each pads its rows to a similar length; the vectors go back to input order.
+        order = sorted(range(n), key=lambda i: (0 if images[i] is None else images[i].width * images[i].height,
+                                                len(texts[i] or "")))
+        images, texts = [images[i] for i in order], [texts[i] for i in order]
+        conversations = [conversations[i] for i in order]
         out = []
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(encode, *parts[0])
@@ -309,7 +316,9 @@ class FusedEmbedder:
                 if i + 1 < len(parts):
                     upcoming = prefetch.submit(encode, *parts[i + 1])
                 out.append(self._last_state(batch))  # waits on the GPU with the GIL released
-        return torch.cat(out)
+        vectors = torch.empty(n, out[0].shape[1])
+        vectors[torch.tensor(order)] = torch.cat(out)
+        return vectors
 
     def _last_state(self, batch: dict) -> torch.Tensor:
         # The base model (no LM head): its last_hidden_state is the final-norm output GME
