@@ -26,6 +26,8 @@ def _check_keys(node: Any, base: Any, where: str, path: str = "") -> None:
     if isinstance(base, DictConfig):
         if not isinstance(node, DictConfig):
             raise ConfigError(f"{where}: {path or 'the config'} must be a mapping (like conf/base.yaml), got {node!r}")
+        if len(base) == 0:
+            return  # an empty mapping in base.yaml is free-form (arguments passed through to a library)
         for key in node.keys():
             full = f"{path}.{key}" if path else str(key)
             if key not in base:
