@@ -260,7 +260,7 @@ def bench_embedding(cfg, rec: Recorder, device: torch.device, dtype: str) -> Non
     mllm, params = random_mllm(es, cfg, "embedder", device, dtype, cfg.models.embedder.attn_implementation)
     text = text_of_tokens(mllm.tokenizer, es.text_tokens)
     for threads, on_device, parts in es.preprocess:
-        mllm.preprocess_threads, mllm.normalize_on_device, mllm._executor = threads, bool(on_device), None
+        mllm.set_preprocessing(threads, bool(on_device))
         embedder = FusedEmbedder(mllm, cfg.models.embedder.instruction, cfg.models.embedder.end_token, parts)
         for b in es.batches:
             images = random_images(b, es.image_side, b)
@@ -292,8 +292,7 @@ def bench_captioning(cfg, rec: Recorder, device: torch.device, dtype: str) -> No
 
     cs = cfg.gpu_bench.captioning
     mllm, params = random_mllm(cs, cfg, "captioner", device, dtype, cfg.models.captioner.attn_implementation)
-    mllm.preprocess_threads = cfg.models.captioner.preprocess_threads
-    mllm.normalize_on_device = cfg.models.captioner.normalize_on_device
+    mllm.set_preprocessing(cfg.models.captioner.preprocess_threads, cfg.models.captioner.normalize_on_device)
     pad = mllm.tokenizer.pad_token_id
     for kv_cache, b in cs.variants:
         captioner = Captioner(mllm, kv_cache)

@@ -89,7 +89,6 @@ class SamplerConfig:
     cache_text: bool  # cross-attention keys/values of the text once per run, not per step
 
 
-
 class GuidedSampler:
     """Draws target features from the prior (+ adapter) under classifier-free guidance.
 

@@ -132,6 +132,11 @@ class MLLM:
             used += k
         return parts
 
+    def set_preprocessing(self, threads: int, normalize_on_device: bool) -> None:
+        """Changes both settings of a loaded MLLM (benchmarks compare them on one model)."""
+        self.preprocess_threads, self.normalize_on_device = threads, normalize_on_device
+        self._executor = None
+
     def _pool(self) -> ThreadPoolExecutor:
         if getattr(self, "_executor", None) is None:
             self._executor = ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="preprocess")
@@ -208,9 +213,9 @@ class Captioner:
     kv_cache (conf `caption.kv_cache`): "dynamic" grows the key/value cache token by
     token (transformers' default); "static" allocates it once at its final length;
     "static_compiled" also has transformers compile the one-token decoding step with
-    torch.compile (on GPUs), which removes most of the per-token launch overhead that
-    bounds decoding at moderate batch sizes. All three give the same greedy tokens
-    (tests/test_fast_paths.py).
+    torch.compile (on GPUs only), against per-token launch overhead; on an H100 it
+    measured slower than "dynamic" at batches 256 and 512 (docs/benchmarks.md). The
+    static cache gives the same greedy tokens as the dynamic one (tests/test_fast_paths.py).
     """
 
     def __init__(self, mllm: MLLM, kv_cache: str = "dynamic"):

@@ -77,8 +77,7 @@ class QueryOp:
         use = needs(self.mode, rank["text_query"])
         self.describer = Captioner(load_mllm_from_conf(models["describer"])) if "describer" in use else None
         emb = models["embedder"]
-        self.embedder = (FusedEmbedder.from_conf(emb)
-                         if "embedder" in use else None)
+        self.embedder = FusedEmbedder.from_conf(emb) if "embedder" in use else None
         self.encoder = load_text_encoder_from_conf(models["text_encoder"], emb) if "text_encoder" in use else None
         self.prior = self.adapter = None
         device = torch.device(rank["device"])

@@ -230,7 +230,8 @@ def train_loop(config: dict) -> None:
         # The frozen prior too: in Stage 2 its forward is most of the step.
         mode = compile_mode(tc.compile, "train.compile", TRAIN_COMPILE_MODES)
         compile_blocks(prior, mode)
-        compile_blocks(model, mode)
+        if model is not prior:
+            compile_blocks(model, mode)
     encoder = None
     if tc.text_conditions == "worker":
         encoder = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder),
