@@ -37,6 +37,7 @@ from model.checkpoints import load_prior
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior
 from model.training import OptimConfig, make_optimizer, make_scheduler, train_step
+from pipelines.config import BASE, BENCH_SCHEMA, load_config
 
 CONFIGS = ["conf/demo.yaml", "conf/bench/ablation.yaml"]
 COND_DIM = 32
@@ -128,7 +129,7 @@ def train(prior, adapter, world, diffusion, optim: OptimConfig, steps: int, batc
 
 
 def run_ablation(cfg, log=print) -> dict:
-    from pipelines.common import plain
+    from pipelines.config import plain
 
     a = plain(cfg.ablation)
     torch.manual_seed(cfg.seed)
@@ -168,9 +169,7 @@ def evaluate(world, prior, adapter, diffusion, sampling, num_queries: int, seed:
 
 
 def main(argv: list[str]) -> None:
-    from pipelines.config import load_config
-
-    cfg = load_config(CONFIGS, argv)
+    cfg = load_config(CONFIGS, argv, schemas=(BASE, BENCH_SCHEMA))
     t = time.time()
     results = run_ablation(cfg)
     print(f"[ablation] done in {time.time() - t:.0f}s")

@@ -323,7 +323,7 @@ def bench_captioning(cfg, rec: Recorder, device: torch.device, dtype: str) -> No
 def main() -> None:
     import transformers
 
-    from pipelines.config import load_config, plain
+    from pipelines.config import BASE, BENCH_SCHEMA, load_config, plain
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=None)
@@ -333,7 +333,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None, help="default: gpu_bench.out_dir")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
-    cfg = load_config(args.config or ["conf/prod.yaml"], args.overrides)
+    cfg = load_config(args.config or ["conf/prod.yaml"], args.overrides, schemas=(BASE, BENCH_SCHEMA))
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of training (optimizer, loss)

@@ -27,7 +27,7 @@ import pyarrow as pa
 def main() -> None:
     from ops.schemas import embeddings_schema, query_vectors_schema
     from pipelines import index
-    from pipelines.common import plain
+    from pipelines.config import plain
     from pipelines.config import load_config
     from pipelines.lake import Lake
     from pipelines.rank import GallerySearch

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 
+from model.errors import PipelineError
 from model.prior import ControlAdapter, FusionDiffPrior
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(PipelineError):
     pass
 
 

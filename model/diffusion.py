@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -144,8 +145,14 @@ class GuidedSampler:
     @torch.no_grad()
     def sample(self, prior: FusionDiffPrior, cond: torch.Tensor | None, cond_mask: torch.Tensor | None,
                adapter: ControlAdapter | None = None, z_query: torch.Tensor | None = None,
-               batch_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Unit vectors: (B, d_VL) with aggregation 'mean', (B, S, d_VL) with 'none'."""
+               batch_size: int | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Unit vectors: (B, d_VL) with aggregation 'mean', (B, S, d_VL) with 'none'.
+
+        `generator`: one for the batch, or a list of one per query, so that a query's
+        noise (its start and, for DDPM, each step's) is drawn from its own generator
+        and its vector is the same whichever queries share its batch.
+        """
         s = self.cfg.samples_per_query
         b = batch_size or (cond.shape[0] if cond is not None else z_query.shape[0])
         rep = (lambda t: None if t is None else t.repeat_interleave(s, dim=0))
@@ -154,7 +161,10 @@ class GuidedSampler:
         if z_query is not None:
             z_query = (z_query.float() * self.diffusion.scale(d)).to(prior.dtype)
         device = prior.device
-        x = torch.randn((b * s, d), generator=generator, device=device)
+        if isinstance(generator, list):
+            # A query's S samples draw from its generator one after the other.
+            generator = [g for g in generator for _ in range(s)]
+        x = randn_tensor((b * s, d), generator=generator, device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(self.cfg.num_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         n = b * s
@@ -163,6 +173,8 @@ class GuidedSampler:
             pad = (1 << (n - 1).bit_length()) - n
             grow = (lambda t: None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]))
             cond, cond_mask, z_query, x = grow(cond), grow(cond_mask), grow(z_query), grow(x)
+            if isinstance(generator, list):  # pad rows draw from generators of their own
+                generator = generator + [torch.Generator(generator[0].device).manual_seed(0) for _ in range(pad)]
         text = self.guided_text(prior, cond, cond_mask, x.shape[0], adapter)
         for t in self.scheduler.timesteps:
             eps = self.denoise(prior, x.to(prior.dtype), t.to(device), text, adapter, z_query).float()

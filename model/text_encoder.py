@@ -68,3 +68,8 @@ def load_text_encoder_from_conf(text_encoder: dict, embedder: dict, device: str 
         mllm = load_mllm_from_conf({**embedder, **({"device": device} if device else {})})
     return TextEncoder(text_encoder["kind"], text_encoder["name_or_path"], text_encoder["max_tokens"],
                        text_encoder["dtype"], device or text_encoder["device"], mllm=mllm)
+
+
+def text_encoder_name(text_encoder: dict, embedder: dict) -> str:
+    """What wrote a condition: the T5 checkpoint, or the embedder whose text branch encodes."""
+    return text_encoder["name_or_path"] if text_encoder["kind"] == "t5" else embedder["name_or_path"]

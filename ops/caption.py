@@ -4,46 +4,43 @@ from __future__ import annotations
 import pyarrow as pa
 
 from model.mllm import Captioner, load_mllm_from_conf
-from ops.images import ImageRejected, load_image
+from ops.base import ImageRowsOp
+from ops.tables import TableReader
 from ops.schemas import CAPTIONS, with_reject_reason
 
 OUTPUT_SCHEMA = with_reject_reason(CAPTIONS)
 
 
-class CaptionOp:
-    """Loads the captioner once (per Ray actor) and captions one batch per call."""
+class CaptionOp(ImageRowsOp):
+    """Loads the captioner once (per Ray actor) and captions one batch per call: a long
+    caption always, a short one unless the manifest's caption stands in for it."""
 
-    def __init__(self, model: dict, caption: dict, s3: dict | None):
-        self.captioner = Captioner(load_mllm_from_conf(model), caption["kv_cache"])
+    schema = OUTPUT_SCHEMA
+
+    def __init__(self, conf: dict, tables: TableReader | None):
+        super().__init__(tables)
+        model = conf["models"]["captioner"]
+        self.captioner = Captioner(load_mllm_from_conf(model), conf["caption"]["kv_cache"])
         self.model_name = model["name_or_path"]
-        self.conf = caption
-        self.s3 = s3
+        self.conf = conf["caption"]
 
-    def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["image_id"])
-        source = batch.get("source_caption")
-        rows, images, ok = [], [], []
-        for i in range(n):
-            row = {"image_id": batch["image_id"][i], "sha256": batch["sha256"][i], "caption_long": None,
-                   "caption_short": None, "caption_short_source": None, "model": self.model_name, "reject_reason": None}
-            try:
-                images.append(load_image(batch["uri"][i], self.s3, expected_sha256=batch["sha256"][i]))
-                ok.append(i)
-            except ImageRejected as e:
-                row["reject_reason"] = str(e)
-            rows.append(row)
-        if ok:
-            c = self.conf
-            longs = self.captioner.caption(images, c["prompt_long"], c["max_new_tokens_long"])
-            given = [source[i] if (source is not None and c["short_from_manifest"]) else None for i in ok]
-            need = [j for j, g in enumerate(given) if not g]
-            shorts = self.captioner.caption([images[j] for j in need], c["prompt_short"], c["max_new_tokens_short"]) if need else []
-            generated = dict(zip(need, shorts))
-            for j, i in enumerate(ok):
-                rows[i]["caption_long"] = longs[j]
-                rows[i]["caption_short"] = generated.get(j, given[j])
-                rows[i]["caption_short_source"] = "model" if j in generated else "manifest"
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    def rejected(self, row: dict) -> list[dict]:
+        return [self._row(row) | {"reject_reason": row["reject_reason"]}]
+
+    def _row(self, row: dict) -> dict:
+        return {"image_id": row["image_id"], "sha256": row["sha256"], "model": self.model_name}
+
+    def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
+        c, first = self.conf, [im[0] for im in images]
+        longs = self.captioner.caption(first, c["prompt_long"], c["max_new_tokens_long"])
+        given = [r.get("source_caption") if c["short_from_manifest"] else None for r in rows]
+        need = [j for j, g in enumerate(given) if not g]
+        shorts = self.captioner.caption([first[j] for j in need], c["prompt_short"], c["max_new_tokens_short"]) \
+            if need else []
+        generated = dict(zip(need, shorts))
+        return [self._row(r) | {"caption_long": longs[j], "caption_short": generated.get(j, given[j]),
+                                "caption_short_source": "model" if j in generated else "manifest"}
+                for j, r in enumerate(rows)]
 
 
 # -- the vLLM backend's pieces (caption.backend: vllm; pipelines/caption.py wires them
@@ -60,39 +57,36 @@ REQUEST_SCHEMA = pa.schema([
 ])
 
 
-class CaptionRequestOp:
+class CaptionRequestOp(ImageRowsOp):
     """images rows -> one request row per caption to generate (long always, short unless
     the manifest's caption stands in), or one reject row for an unreadable image. The
     image is loaded and checked here (sha256, limits) as CaptionOp does, and travels as
     a PNG data URL, which vLLM's multimodal preparation reads."""
 
-    def __init__(self, caption: dict, s3: dict | None):
-        self.conf, self.s3 = caption, s3
+    schema = REQUEST_SCHEMA
 
-    def __call__(self, batch: dict) -> pa.Table:
+    def __init__(self, conf: dict, tables: TableReader | None):
+        super().__init__(tables)
+        self.conf = conf["caption"]
+
+    def rejected(self, row: dict) -> list[dict]:
+        return [{**row, "kind": "long", "prompt": None, "max_tokens": 0, "image_url": None}]
+
+    def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
         import base64
         import io
 
-        c, rows = self.conf, []
-        source = batch.get("source_caption")
-        for i in range(len(batch["image_id"])):
-            base = {"image_id": batch["image_id"][i], "sha256": batch["sha256"][i],
-                    "source_caption": source[i] if source is not None else None}
-            try:
-                image = load_image(batch["uri"][i], self.s3, expected_sha256=batch["sha256"][i])
-            except ImageRejected as e:
-                rows.append({**base, "kind": "long", "prompt": None, "max_tokens": 0, "image_url": None,
-                             "reject_reason": str(e)})
-                continue
+        c, out = self.conf, []
+        for row, (image,) in zip(rows, images):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            rows.append({**base, "kind": "long", "prompt": c["prompt_long"], "max_tokens": c["max_new_tokens_long"],
-                         "image_url": url, "reject_reason": None})
+            base = {"image_id": row["image_id"], "sha256": row["sha256"], "source_caption": row.get("source_caption"),
+                    "image_url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+            out.append({**base, "kind": "long", "prompt": c["prompt_long"], "max_tokens": c["max_new_tokens_long"]})
             if not (c["short_from_manifest"] and base["source_caption"]):
-                rows.append({**base, "kind": "short", "prompt": c["prompt_short"],
-                             "max_tokens": c["max_new_tokens_short"], "image_url": url, "reject_reason": None})
-        return pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA)
+                out.append({**base, "kind": "short", "prompt": c["prompt_short"],
+                            "max_tokens": c["max_new_tokens_short"]})
+        return out
 
 
 def vllm_request(row: dict) -> dict:

@@ -41,8 +41,9 @@ def conditions_from_columns(cond_tokens, cond_len, dim: int) -> tuple[torch.Tens
 class ConditionOp:
     """Loads the text encoder once (per Ray actor); adds cond_tokens and cond_len for `text_column`."""
 
-    def __init__(self, text_encoder: dict, embedder: dict, text_column: str):
-        self.encoder: TextEncoder = load_text_encoder_from_conf(text_encoder, embedder)
+    def __init__(self, conf: dict, tables=None, text_column: str = "text"):
+        models = conf["models"]
+        self.encoder: TextEncoder = load_text_encoder_from_conf(models["text_encoder"], models["embedder"])
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:

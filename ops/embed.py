@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pyarrow as pa
 
 from model.mllm import FusedEmbedder
-from ops.images import ImageRejected, load_image
+from ops.base import EmbeddingSizeError, ImageRowsOp
 from ops.schemas import embeddings_schema, with_reject_reason
+from ops.tables import TableReader
 
-
-class EmbeddingSizeError(ValueError):
-    pass
+__all__ = ["EmbedOp", "EmbeddingSizeError", "attach_captions", "uses_short_caption", "check_embedder_dim"]
 
 
 def uses_short_caption(image_id: str, short_fraction: float) -> bool:
@@ -21,60 +19,58 @@ def uses_short_caption(image_id: str, short_fraction: float) -> bool:
     return h / 2**64 < short_fraction
 
 
-def vectors_to_arrow(vectors: np.ndarray, dim: int, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise EmbeddingSizeError(f"expected vectors of size {dim}, got an array of shape {vectors.shape}")
-    mask = None if valid is None else pa.array(~valid)
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim, mask=mask)
+def attach_captions(batch: pa.Table, tables: TableReader, short_fraction: float) -> pa.Table:
+    """Adds each image's Stage 1 text (pair_text): its long or short caption, by the
+    mixed-length draw; images with no caption for their current bytes wait for one."""
+    ids = batch.column("image_id").to_pylist()
+    caps = tables.lookup("captions", ids, ["sha256", "caption_long", "caption_short"])
+    keep, texts, kinds = [], [], []
+    for image_id, sha in zip(ids, batch.column("sha256").to_pylist()):
+        c = caps.get(image_id)
+        if c is None or c["sha256"] != sha:
+            keep.append(False)
+            continue
+        short = uses_short_caption(image_id, short_fraction) and bool(c["caption_short"])
+        keep.append(True)
+        texts.append(c["caption_short"] if short else c["caption_long"])
+        kinds.append("short" if short else "long")
+    out = batch.filter(pa.array(keep, type=pa.bool_()))
+    return out.append_column("pair_text", pa.array(texts, pa.string())).append_column(
+        "pair_caption_kind", pa.array(kinds, pa.string()))
 
 
-class EmbedOp:
+def check_embedder_dim(name: str, found: int, expected: int) -> None:
+    if found != expected:
+        raise EmbeddingSizeError(f"embedder {name!r} gives vectors of size {found}, "
+                                 f"but models.embedder.dim is {expected}: fix the config or the checkpoint")
+
+
+class EmbedOp(ImageRowsOp):
     """Loads f_M once (per Ray actor); per image writes f_M(I) and f_M(I, T).
 
     T is the batch's `pair_text` (the caption the mixed-length draw picked, see
     `uses_short_caption`) and `pair_caption_kind` says which one it was.
     """
 
-    def __init__(self, model: dict, s3: dict | None):
+    def __init__(self, conf: dict, tables: TableReader | None):
+        super().__init__(tables)
+        model = conf["models"]["embedder"]
         self.embedder = FusedEmbedder.from_conf(model)
-        if self.embedder.dim != model["dim"]:
-            raise EmbeddingSizeError(
-                f"embedder {model['name_or_path']!r} gives vectors of size {self.embedder.dim}, "
-                f"but models.embedder.dim is {model['dim']}: fix the config or the checkpoint")
-        self.dim = model["dim"]
+        check_embedder_dim(model["name_or_path"], self.embedder.dim, model["dim"])
         self.model_name = model["name_or_path"]
-        self.s3 = s3
-        self.schema = with_reject_reason(embeddings_schema(self.dim))
+        self.schema = with_reject_reason(embeddings_schema(model["dim"]))
 
-    def __call__(self, batch: dict) -> pa.Table:
-        images, keep, rejected = [], [], []
-        for i in range(len(batch["image_id"])):
-            try:
-                images.append(load_image(batch["uri"][i], self.s3, expected_sha256=batch["sha256"][i]))
-                keep.append(i)
-            except ImageRejected as e:
-                rejected.append((i, str(e)))
-        cols = {k: [] for k in self.schema.names if k != "vector"}
-        vectors = np.zeros((2 * len(keep) + len(rejected), self.dim), np.float32)
-        if keep:
-            texts = [batch["pair_text"][i] for i in keep]
-            vectors[: len(keep)] = self.embedder.embed(images=images).numpy()
-            vectors[len(keep): 2 * len(keep)] = self.embedder.embed(images=images, texts=texts).numpy()
-            for kind in ("image", "pair"):
-                for j, i in enumerate(keep):
-                    cols["image_id"].append(batch["image_id"][i])
-                    cols["kind"].append(kind)
-                    cols["sha256"].append(batch["sha256"][i])
-                    cols["model"].append(self.model_name)
-                    cols["text"].append(texts[j] if kind == "pair" else None)
-                    cols["caption_kind"].append(batch["pair_caption_kind"][keep[j]] if kind == "pair" else None)
-                    cols["reject_reason"].append(None)
-        for i, reason in rejected:
-            for k, v in (("image_id", batch["image_id"][i]), ("kind", "image"), ("sha256", batch["sha256"][i]),
-                         ("model", self.model_name), ("text", None), ("caption_kind", None), ("reject_reason", reason)):
-                cols[k].append(v)
-        valid = np.array([r is None for r in cols["reject_reason"]], dtype=bool)
-        arrays = {k: pa.array(v, type=self.schema.field(k).type) for k, v in cols.items()}
-        arrays["vector"] = vectors_to_arrow(vectors, self.dim, valid)
-        return pa.table(arrays).select(self.schema.names).cast(self.schema)
+    def _row(self, row: dict, kind: str) -> dict:
+        return {"image_id": row["image_id"], "kind": kind, "sha256": row["sha256"], "model": self.model_name}
+
+    def rejected(self, row: dict) -> list[dict]:
+        return [self._row(row, "image") | {"reject_reason": row["reject_reason"]}]
+
+    def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
+        first = [im[0] for im in images]
+        texts = [r["pair_text"] for r in rows]
+        alone = self.embedder.embed(images=first).numpy()
+        paired = self.embedder.embed(images=first, texts=texts).numpy()
+        return ([self._row(r, "image") | {"vector": v} for r, v in zip(rows, alone)]
+                + [self._row(r, "pair") | {"vector": v, "text": r["pair_text"], "caption_kind": r["pair_caption_kind"]}
+                   for r, v in zip(rows, paired)])

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from model.errors import PipelineError
 from ops.storage import read_bytes
 
 
-class ImageRejected(Exception):
+class ImageRejected(PipelineError):
     """An input that the pipeline skips and records in `rejects`, with this reason."""
 
 

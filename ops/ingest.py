@@ -8,6 +8,7 @@ import pyarrow as pa
 from ops.images import ImageLimits, ImageRejected, probe_image, sha256_hex
 from ops.schemas import IMAGES, with_reject_reason
 from ops.storage import read_bytes
+from ops.tables import TableReader
 
 OUTPUT_SCHEMA = with_reject_reason(IMAGES)
 
@@ -15,9 +16,9 @@ OUTPUT_SCHEMA = with_reject_reason(IMAGES)
 class IngestOp:
     """Reads each image once: its hash keys re-indexing, its header gives the size."""
 
-    def __init__(self, limits: dict, s3: dict | None, duplicate_ids: frozenset[str] = frozenset()):
-        self.limits = ImageLimits.from_conf(limits)
-        self.s3 = s3
+    def __init__(self, conf: dict, tables: TableReader | None, duplicate_ids: frozenset[str] = frozenset()):
+        self.limits = ImageLimits.from_conf(conf["images"])
+        self.s3 = tables.s3 if tables is not None else None
         # Ids that occur more than once in the manifest: which row is right is unknowable,
         # so every row of such an id is rejected rather than one picked at random.
         self.duplicate_ids = duplicate_ids
@@ -44,9 +45,6 @@ class IngestOp:
             row["reject_reason"] = str(e)
         return row
 
-    def __call__(self, batch: dict) -> pa.Table:
-        captions = batch.get("caption")
-        n = len(batch["image_id"])
-        rows = [self.process_row(batch["image_id"][i], batch["uri"][i], None if captions is None else captions[i])
-                for i in range(n)]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.process_row(r["image_id"], r["uri"], r.get("caption")) for r in batch.to_pylist()]
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+from model.errors import PipelineError
 
-class MetricsError(ValueError):
+
+class MetricsError(PipelineError):
     pass
 
 

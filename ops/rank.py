@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -23,15 +25,17 @@ import torch
 
 from model.checkpoints import load_adapter, load_prior
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig
+from model.errors import PipelineError
 from model.mllm import Captioner, FusedEmbedder, load_mllm_from_conf
 from model.text_encoder import load_text_encoder_from_conf
-from ops.images import ImageRejected, load_image
+from ops.base import ImageRowsOp
+from ops.images import sha256_hex
+from ops.schemas import GALLERY, RANKINGS
+from ops.search import RunningTopK
+from ops.storage import filesystem, local_copy, read_bytes
+from ops.tables import TableReader
 
-MODES = ("full", "query_only", "prior_only", "joint", "text")
-TEXT_QUERIES = ("prior", "embedding")
-
-
-class RankError(ValueError):
+class RankError(PipelineError):
     pass
 
 
@@ -52,9 +56,11 @@ def describe_prompt(template: str, template_no_concept: str, modification: str, 
     return template_no_concept.format(modification=modification)
 
 
-def file_digest(path: str) -> str:
+def file_digest(uri: str, s3: dict | None) -> str:
+    """sha256 (16 hex) of a file, local or s3://, read in 1 MiB pieces (checkpoints are GBs)."""
+    fs, path = filesystem(uri, s3)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
@@ -67,13 +73,70 @@ def query_key(row: dict, versions: dict) -> str:
     return hashlib.sha256(json.dumps([inputs, versions], sort_keys=True).encode()).hexdigest()
 
 
-class QueryOp:
-    """Loads the mode's models once (per Ray actor); turns a batch of resolved queries
-    into query vectors (B, S x d) and descriptions; rows it cannot use get a reject_reason."""
+def resolve(batch: pa.Table, tables: TableReader, mode: str, versions: dict,
+            duplicate_ids: frozenset[str] = frozenset()) -> pa.Table:
+    """Adds reference_uri / reference_sha256 from `images` (by reference_id) or from the
+    reference_uri's bytes, the query's key, and a reject_reason for queries that cannot
+    run (an id the queries table repeats, `duplicate_ids`, rejects every row of it)."""
+    rows = batch.to_pylist()
+    known = tables.lookup("images", [r["reference_id"] for r in rows if r.get("reference_id")], ["uri", "sha256"])
+    out = []
+    for r in rows:
+        reason = None
+        ref_uri, ref_sha = r.get("reference_uri"), None
+        if not r.get("query_id"):
+            reason = "empty query_id"
+        elif r["query_id"] in duplicate_ids:
+            reason = "duplicate query_id in the queries table"
+        elif not r.get("modification_text"):
+            reason = "empty modification_text"
+        elif mode != "text":
+            if r.get("reference_id"):
+                hit = known.get(r["reference_id"])
+                if hit is None:
+                    reason = (f"reference image {r['reference_id']!r} is not in the images table "
+                              f"(missing or rejected at ingest)")
+                else:
+                    ref_uri, ref_sha = hit["uri"], hit["sha256"]
+            elif ref_uri:
+                try:
+                    ref_sha = sha256_hex(read_bytes(ref_uri, tables.s3))
+                except (FileNotFoundError, OSError) as e:
+                    reason = f"reference image: cannot read {ref_uri}: {e}"
+            else:
+                reason = "no reference_id or reference_uri"
+        row = {"query_id": r.get("query_id") or "", "mode": mode, "reference_id": r.get("reference_id"),
+               "reference_uri": ref_uri, "reference_sha256": ref_sha, "modification_text": r.get("modification_text"),
+               "shared_concept": r.get("shared_concept"), "reject_reason": reason, "uri": ref_uri}
+        row["query_key"] = query_key(row, versions)
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=RESOLVED_SCHEMA)
 
-    def __init__(self, models: dict, rank: dict, diffusion: dict, sampling: dict, prior_path: str | None,
-                 adapter_path: str | None, expected_prior: dict, s3: dict | None, seed: int, schema: pa.Schema):
-        self.mode, self.rank, self.s3, self.seed, self.schema = rank["mode"], rank, s3, seed, schema
+
+RESOLVED_SCHEMA = pa.schema([(k, pa.string()) for k in (
+    "query_id", "mode", "reference_id", "reference_uri", "reference_sha256", "modification_text", "shared_concept",
+    "reject_reason", "uri", "query_key")])
+
+
+class QueryOp(ImageRowsOp):
+    """Loads the mode's models once (per Ray actor); turns a batch of resolved queries
+    into query vectors (B, S x d) and descriptions; rows it cannot use get a reject_reason.
+
+    The prior and adapter are read from `checkpoints` (their URIs, local or s3://): each
+    actor fetches its own copy, since on a cluster it runs on a node other than the
+    driver's. Each query's sampling noise is seeded from its own key, so its vector is
+    the same whichever queries share its batch (the cache promises: equal keys, equal
+    vectors).
+    """
+
+    image_columns = (("reference_uri", "reference_sha256"),)
+
+    def __init__(self, conf: dict, tables: TableReader | None, checkpoints: dict, schema: pa.Schema):
+        super().__init__(tables)
+        models, rank, sampling = conf["models"], conf["rank"], conf["sampling"]
+        self.mode, self.rank, self.seed, self.schema = rank["mode"], rank, conf["seed"], schema
+        if self.mode == "text":
+            self.image_columns = ()
         use = needs(self.mode, rank["text_query"])
         self.describer = Captioner(load_mllm_from_conf(models["describer"])) if "describer" in use else None
         emb = models["embedder"]
@@ -81,11 +144,14 @@ class QueryOp:
         self.encoder = load_text_encoder_from_conf(models["text_encoder"], emb) if "text_encoder" in use else None
         self.prior = self.adapter = None
         device = torch.device(rank["device"])
+        self._cache = tempfile.mkdtemp(prefix="cirpipe-checkpoints-")
         if "prior" in use:
-            self.prior = load_prior(prior_path, expected=expected_prior).to(device).eval()
+            path = local_copy(checkpoints["prior"], self.s3, os.path.join(self._cache, "prior"))
+            self.prior = load_prior(path, expected=checkpoints["expected_prior"]).to(device).eval()
         if "adapter" in use:
-            self.adapter = load_adapter(adapter_path, self.prior).to(device).eval()
-        self.sampler = GuidedSampler(DiffusionConfig(**diffusion), SamplerConfig(**sampling))
+            path = local_copy(checkpoints["adapter"], self.s3, os.path.join(self._cache, "adapter"))
+            self.adapter = load_adapter(path, self.prior).to(device).eval()
+        self.sampler = GuidedSampler(DiffusionConfig(**conf["diffusion"]), SamplerConfig(**sampling))
         self.samples = sampling["samples_per_query"] if sampling["aggregation"] == "none" else 1
         self.dim = emb["dim"]
 
@@ -95,22 +161,22 @@ class QueryOp:
                                    row["modification_text"], row.get("shared_concept")) for row in rows]
         return self.describer.generate(images, prompts, r["describe_max_new_tokens"])
 
-    def _sample(self, texts: list[str], z_query: torch.Tensor | None, key: str) -> torch.Tensor:
+    def _sample(self, texts: list[str], z_query: torch.Tensor | None, keys: list[str]) -> torch.Tensor:
         c, m = self.encoder.encode(texts)
         device = self.prior.device
-        g = torch.Generator(device=device).manual_seed(self.seed + int(key[:8], 16))
+        generators = [torch.Generator().manual_seed(self.seed + int(k[:8], 16)) for k in keys]
         zq = None if z_query is None else z_query.to(device)
         z = self.sampler.sample(self.prior, c.to(device, self.prior.dtype), m.to(device), self.adapter, zq,
-                                generator=g)
+                                generator=generators)
         return z.float().cpu()
 
     def vectors(self, images: list, rows: list[dict]) -> tuple[torch.Tensor, list[str | None]]:
         """(B, S, d) query vectors and the descriptions (None where the mode writes none)."""
-        key = rows[0]["query_key"]
+        keys = [r["query_key"] for r in rows]
         mode, texts = self.mode, [r["modification_text"] for r in rows]
         if mode == "text":
             if self.prior is not None:
-                return self._sample(texts, None, key).view(len(rows), -1, self.dim), texts
+                return self._sample(texts, None, keys).view(len(rows), -1, self.dim), texts
             return self.embedder.embed(texts=texts).unsqueeze(1), texts
         zq = self.embedder.embed(images=images, texts=texts) if mode in ("full", "query_only", "joint") else None
         if mode == "query_only":
@@ -120,35 +186,76 @@ class QueryOp:
             w = self.rank["joint_weight"]
             zt = self.embedder.embed(texts=desc)
             return (w * zq + (1 - w) * zt).unsqueeze(1), desc
-        z = self._sample(desc, zq if mode == "full" else None, key)
+        z = self._sample(desc, zq if mode == "full" else None, keys)
         return z.view(len(rows), -1, self.dim), desc
 
+    def rejected(self, row: dict) -> list[dict]:
+        return [row | {"mode": self.mode, "description": None, "vector": None}]
+
+    def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
+        v, desc = self.vectors([im[0] for im in images] if self.image_columns else [], rows)
+        flat = v.reshape(len(rows), -1).numpy()
+        return [r | {"mode": self.mode, "description": d, "vector": x} for r, d, x in zip(rows, desc, flat)]
+
+
+RESULT_SCHEMA = pa.schema([RANKINGS.field(n) for n in ("query_id", "rank", "image_id", "score", "description")])
+
+
+class GallerySearch:
+    """Ranks a batch of resolved queries (by their cached vectors) against the gallery
+    (`embeddings` of kind image): an exact scan in blocks with a running top-k, or the
+    `index` stage's vector index; returns `rankings` rows without the run's columns."""
+
+    def __init__(self, conf: dict, tables: TableReader, search: str):
+        self.tables, self.search = tables, search
+        self.mode, self.k = conf["rank"]["mode"], conf["rank"]["top_k"]
+        self.block, self.exclude = conf["rank"]["gallery_block"], conf["rank"]["exclude_reference"]
+        self.index, self.dim = conf["index"], conf["models"]["embedder"]["dim"]
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        images, ok = [], []
-        for i, r in enumerate(rows):
-            if r.get("reject_reason"):
-                continue
-            if self.mode != "text":
-                try:
-                    images.append(load_image(r["reference_uri"], self.s3, expected_sha256=r["reference_sha256"]))
-                except ImageRejected as e:
-                    r["reject_reason"] = f"reference image: {e}"
+        rows = [r for r in batch.to_pylist() if not r.get("reject_reason")]
+        cached = self.tables.lookup("query_vectors", [r["query_id"] for r in rows],
+                                    ["query_key", "description", "vector"], key="query_id",
+                                    where=f"mode = '{self.mode}'")
+        live = [(r, cached[r["query_id"]]) for r in rows
+                if r["query_id"] in cached and cached[r["query_id"]]["query_key"] == r["query_key"]]
+        out = {name: [] for name in RESULT_SCHEMA.names}
+        if not live:
+            return pa.table(out, schema=RESULT_SCHEMA)
+        q = np.asarray([c["vector"] for _, c in live], np.float32).reshape(len(live), -1, self.dim)
+        exclude = [r["reference_id"] if self.exclude else None for r, _ in live]
+        ids, scores = self._exact(q, exclude) if self.search == "exact" else self._ann(q, exclude)
+        for (r, c), qi, qs in zip(live, ids, scores):
+            rank = 0
+            for image_id, score in zip(qi, qs):
+                if image_id is None or not np.isfinite(score):
                     continue
-            ok.append(i)
-        n, width = len(rows), self.samples * self.dim
-        vectors = np.zeros((n, width), np.float32)
-        descriptions: list[str | None] = [None] * n
-        if ok:
-            v, desc = self.vectors(images, [rows[i] for i in ok])
-            vectors[ok] = v.reshape(len(ok), -1).numpy()
-            for j, i in enumerate(ok):
-                descriptions[i] = desc[j]
-        valid = np.array([not r.get("reject_reason") for r in rows])
-        cols = {name: pa.array([r.get(name) for r in rows], self.schema.field(name).type)
-                for name in self.schema.names if name not in ("vector", "description", "mode")}
-        cols["mode"] = pa.array([self.mode] * n, pa.string())
-        cols["description"] = pa.array(descriptions, pa.string())
-        cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), width,
-                                                           mask=pa.array(~valid))
-        return pa.table(cols).select(self.schema.names).cast(self.schema)
+                rank += 1
+                for k, v in (("query_id", r["query_id"]), ("rank", rank), ("image_id", image_id),
+                             ("score", float(score)), ("description", c["description"])):
+                    out[k].append(v)
+        return pa.table(out, schema=RESULT_SCHEMA)
+
+    def _exact(self, q: np.ndarray, exclude: list) -> tuple[np.ndarray, np.ndarray]:
+        topk = RunningTopK(q, self.k, exclude)
+        for b in self.tables.scan("embeddings", ["image_id", "vector"], filter=GALLERY, batch_size=self.block):
+            if b.num_rows:
+                vec = b.column("vector").values.to_numpy(zero_copy_only=False).reshape(b.num_rows, -1)
+                topk.add(b.column("image_id").to_pylist(), vec)
+        return topk.result()
+
+    def _ann(self, q: np.ndarray, exclude: list) -> tuple[list, list]:
+        """Each sample vector searched in the index (k + 1, so that the reference can go),
+        a query's samples merged by their best score."""
+        ids_out, scores_out = [], []
+        for samples, ex in zip(q, exclude):
+            best: dict[str, float] = {}
+            for v in samples:
+                for image_id, score in self.tables.nearest("embeddings", v, self.k + 1, GALLERY,
+                                                           self.index["nprobes"], self.index["refine_factor"]):
+                    if image_id != ex:
+                        best[image_id] = max(best.get(image_id, -np.inf), score)
+            top = sorted(best.items(), key=lambda kv: -kv[1])[: self.k]
+            ids_out.append([t[0] for t in top])
+            scores_out.append([t[1] for t in top])
+        return ids_out, scores_out

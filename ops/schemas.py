@@ -27,6 +27,8 @@ CAPTIONS = pa.schema([
 ])
 
 EMBEDDING_KINDS = ("image", "pair")
+# The gallery: the image vectors of `embeddings`.
+GALLERY = "kind = 'image'"
 
 
 def embeddings_schema(dim: int) -> pa.Schema:

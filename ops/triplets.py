@@ -7,15 +7,16 @@ any model runs (their bytes are read again by the embedding op: cheap beside f_M
 """
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from model.mllm import FusedEmbedder
+from model.text_encoder import load_text_encoder_from_conf, text_encoder_name
+from ops.base import ImageRowsOp
 from ops.conditions import conditions_to_arrow
-from ops.embed import vectors_to_arrow
-from ops.images import ImageLimits, ImageRejected, load_image, probe_image, sha256_hex
+from ops.images import ImageLimits, ImageRejected, probe_image, sha256_hex
 from ops.schemas import triplet_embeddings_schema, with_reject_reason
 from ops.storage import read_bytes
+from ops.tables import TableReader
 
 TRIPLET_COLUMNS = ["triplet_id", "source_uri", "instruction", "target_uri", "target_description"]
 CONDITION_TEXTS = {"instruction": "instruction", "description": "target_description"}
@@ -26,9 +27,9 @@ def staged_schema(dim: int) -> pa.Schema:
     return with_reject_reason(triplet_embeddings_schema(dim)).append(pa.field("uri", pa.string()))
 
 
-def hash_triplets(batch: pa.Table, s3: dict | None, limits: dict, condition_text: str) -> pa.Table:
+def hash_triplets(batch: pa.Table, tables: TableReader | None, limits: dict, condition_text: str) -> pa.Table:
     """Adds source_sha256, target_sha256, cond_text, and reject_reason/uri for unreadable images."""
-    lim = ImageLimits.from_conf(limits)
+    lim, s3 = ImageLimits.from_conf(limits), (tables.s3 if tables is not None else None)
     cols = {"source_sha256": [], "target_sha256": [], "reject_reason": [], "uri": []}
     for src, tgt in zip(batch.column("source_uri").to_pylist(), batch.column("target_uri").to_pylist()):
         shas, reason, bad_uri = [], None, None
@@ -51,55 +52,36 @@ def hash_triplets(batch: pa.Table, s3: dict | None, limits: dict, condition_text
     return batch.append_column("cond_text", batch.column(CONDITION_TEXTS[condition_text]))
 
 
-class TripletEmbedOp:
+class TripletEmbedOp(ImageRowsOp):
     """Loads f_M once (and the text encoder when conditions are precomputed) per Ray actor."""
 
-    def __init__(self, model: dict, s3: dict | None, text_encoder: dict | None = None):
+    image_columns = (("source_uri", "source_sha256"), ("target_uri", "target_sha256"))
+
+    def __init__(self, conf: dict, tables: TableReader | None):
+        super().__init__(tables)
+        model, te = conf["models"]["embedder"], conf["models"]["text_encoder"]
         self.embedder = FusedEmbedder.from_conf(model)
-        self.dim, self.model_name, self.s3 = model["dim"], model["name_or_path"], s3
-        self.encoder = None
-        if text_encoder is not None:
-            from model.text_encoder import load_text_encoder_from_conf
+        self.model_name = model["name_or_path"]
+        self.encoder, self.encoder_name = None, None
+        if conf["train"]["text_conditions"] == "precomputed":
+            self.encoder = load_text_encoder_from_conf(te, model)
+            self.encoder_name = text_encoder_name(te, model)
+        self.schema = staged_schema(model["dim"])
 
-            self.encoder = load_text_encoder_from_conf(text_encoder, model)
-            self.encoder_name = text_encoder["name_or_path"] if text_encoder["kind"] == "t5" else model["name_or_path"]
-        self.schema = staged_schema(self.dim)
+    def _row(self, row: dict) -> dict:
+        return {k: row.get(k) for k in self.schema.names if k not in ("z_query", "z_target", "cond_tokens", "cond_len")} \
+            | {"model": self.model_name, "text_encoder": self.encoder_name}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        sources, targets, ok = [], [], []
-        for i, r in enumerate(rows):
-            if r["reject_reason"] is not None:
-                continue
-            try:
-                s = load_image(r["source_uri"], self.s3, expected_sha256=r["source_sha256"])
-                t = load_image(r["target_uri"], self.s3, expected_sha256=r["target_sha256"])
-            except ImageRejected as e:
-                r["reject_reason"] = str(e)
-                continue
-            sources.append(s)
-            targets.append(t)
-            ok.append(i)
-        n, d = len(rows), self.dim
-        zq, zt = np.zeros((n, d), np.float32), np.zeros((n, d), np.float32)
-        cond_tokens, cond_len = pa.nulls(n, pa.list_(pa.float32())), pa.nulls(n, pa.int32())
-        if ok:
-            zq[ok] = self.embedder.embed(images=sources, texts=[rows[i]["instruction"] for i in ok]).numpy()
-            zt[ok] = self.embedder.embed(images=targets, texts=[rows[i]["target_description"] for i in ok]).numpy()
-            if self.encoder is not None:
-                tokens, mask = self.encoder.encode([rows[i]["cond_text"] for i in ok])
-                flat, lens = conditions_to_arrow(tokens, mask)
-                pos = {i: j for j, i in enumerate(ok)}
-                cond_tokens = pa.array([flat[pos[i]].as_py() if i in pos else None for i in range(n)],
-                                       pa.list_(pa.float32()))
-                cond_len = pa.array([lens[pos[i]].as_py() if i in pos else None for i in range(n)], pa.int32())
-        valid = np.array([r["reject_reason"] is None for r in rows], dtype=bool)
-        cols = {k: pa.array([r.get(k) for r in rows], self.schema.field(k).type)
-                for k in self.schema.names if k not in ("z_query", "z_target", "cond_tokens", "cond_len",
-                                                          "model", "text_encoder")}
-        cols["model"] = pa.array([self.model_name] * n, pa.string())
-        cols["text_encoder"] = pa.array([self.encoder_name if self.encoder else None] * n, pa.string())
-        cols["z_query"] = vectors_to_arrow(zq, d, valid)
-        cols["z_target"] = vectors_to_arrow(zt, d, valid)
-        cols["cond_tokens"], cols["cond_len"] = cond_tokens, cond_len
-        return pa.table(cols).select(self.schema.names).cast(self.schema)
+    def rejected(self, row: dict) -> list[dict]:
+        return [self._row(row)]
+
+    def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
+        zq = self.embedder.embed(images=[im[0] for im in images], texts=[r["instruction"] for r in rows]).numpy()
+        zt = self.embedder.embed(images=[im[1] for im in images], texts=[r["target_description"] for r in rows]).numpy()
+        out = [self._row(r) | {"z_query": q, "z_target": t} for r, q, t in zip(rows, zq, zt)]
+        if self.encoder is not None:
+            tokens, mask = self.encoder.encode([r["cond_text"] for r in rows])
+            flat, lens = conditions_to_arrow(tokens, mask)
+            for o, f, n in zip(out, flat.to_pylist(), lens.to_pylist()):
+                o["cond_tokens"], o["cond_len"] = f, n
+        return out

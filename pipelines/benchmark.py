@@ -12,17 +12,9 @@ import html
 import json
 import time
 
-from omegaconf import OmegaConf
-
 from ops.storage import write_bytes
-
-
-def _with(cfg, **dotted):
-    c = OmegaConf.create(OmegaConf.to_container(cfg))
-    for k, v in dotted.items():
-        OmegaConf.update(c, k, v)
-    OmegaConf.set_readonly(c, True)
-    return c
+from pipelines.context import RunContext, new_run_id
+from pipelines.registry import STAGES
 
 
 def markdown(name: str, split: str, results: dict[str, dict[str, float]]) -> str:
@@ -38,37 +30,34 @@ def html_table(md: str) -> str:
     return f"<h2>Benchmark</h2><table>{cells}</table>"
 
 
-def run(cfg) -> str:
-    from pipelines import evaluate, nightly, rank, report
+def run(ctx: RunContext) -> str:
+    """The benchmark of `eval.*` through the stages and every mode of eval.modes; the table's path."""
+    from pipelines import evaluate
 
-    e = cfg.eval
+    cfg, e = ctx.cfg, ctx.cfg.eval
     t0 = time.monotonic()
     image_root = e.image_root or f"{e.annotations.rstrip('/')}/images"
     b = evaluate.load(e.benchmark, e.annotations, e.split, image_root, dict(cfg.storage.s3))
     uris = evaluate.tables(b, e.out_dir, dict(cfg.storage.s3))
     print(f"[benchmark] {e.benchmark} {e.split}: {len(b.queries)} queries, {len(b.gallery)} gallery images")
-    cfg = _with(cfg, **{"catalogue.manifest": uris["manifest"], "catalogue.queries": uris["queries"]})
-    lines = [nightly.run_stage(cfg, s, "", []) for s in ("ingest", "caption", "embed", "index")]
-    for line in lines:
-        print(line, flush=True)
-    results, stamp = {}, rank.new_run_id()
+    stamp = new_run_id()
+    ctx = ctx.with_settings(run_id=f"{e.benchmark}-{e.modes[0]}-{stamp}", **{
+        "catalogue.manifest": uris["manifest"], "catalogue.queries": uris["queries"]})
+    ctx.lines.clear()
+    for stage in ("ingest", "caption", "embed", "index"):
+        ctx.lines.append(STAGES[stage].run(ctx).line())
+        print(ctx.lines[-1], flush=True)
+    results = {}
     for mode in e.modes:
-        run_id = f"{e.benchmark}-{mode}-{stamp}"
-        summary = rank.run(_with(cfg, **{"rank.mode": mode}), run_id)
-        lines.append(summary.line())
-        print(lines[-1], flush=True)
-        results[mode] = evaluate.evaluate(b, evaluate.read_rankings(summary.parquet, dict(cfg.storage.s3)))
+        summary = STAGES["rank"].run(ctx.with_settings(run_id=f"{e.benchmark}-{mode}-{stamp}", **{"rank.mode": mode}))
+        ctx.lines.append(summary.line())
+        print(ctx.lines[-1], flush=True)
+        results[mode] = evaluate.evaluate(b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3)))
     md = markdown(e.benchmark, e.split, results)
     write_bytes(f"{e.out_dir}/results.md", md.encode(), dict(cfg.storage.s3))
     write_bytes(f"{e.out_dir}/results.json", json.dumps(results, indent=1).encode(), dict(cfg.storage.s3))
-    page = report.write(cfg, f"{e.benchmark}-{e.modes[0]}-{stamp}", lines, evaluate_queries(b, cfg),
-                        extra_html=html_table(md))
+    ctx.page_header = html_table(md)
+    page = STAGES["report"].run(ctx).note
     print(md)
-    return f"[benchmark] {e.benchmark} {e.split}: table at {e.out_dir}/results.md, page at {page} in {time.monotonic() - t0:.1f}s"
-
-
-def evaluate_queries(b, cfg):
-    import pyarrow as pa
-
-    rows = sorted(b.queries, key=lambda q: q["query_id"])[: cfg.report.num_queries]
-    return pa.Table.from_pylist(rows)
+    return (f"[benchmark] {e.benchmark} {e.split}: table at {e.out_dir}/results.md, {page} "
+            f"in {time.monotonic() - t0:.1f}s")

@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import pyarrow as pa
-import ray
 
 from ops.caption import OUTPUT_SCHEMA, CaptionOp, CaptionRequestOp, captions_from_results, vllm_request, vllm_result
 from ops.schemas import CAPTIONS
-from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
-from pipelines.config import ConfigError
-from pipelines.stages import any_rows, keep_changed, read_table
-
-
-BACKENDS = ("transformers", "vllm")
+from ops.tables import keep_changed
+from pipelines.common import any_rows, begin_model_stage, map_with_model, read_table, stage_and_commit
+from pipelines.config import ConfigError, plain
+from pipelines.context import RunContext, Summary
 
 
 def check_backend(cfg) -> None:
-    """caption.backend is known, and vllm importable where it is asked for."""
+    """vllm importable where it is asked for (the config's rules checked the name)."""
     import importlib.util
 
-    if cfg.caption.backend not in BACKENDS:
-        raise ConfigError(f"caption.backend={cfg.caption.backend!r}: expected one of {', '.join(BACKENDS)}")
     if cfg.caption.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("caption.backend=vllm needs the vllm package (in the image the cluster runs); "
                           "it is not installed here: use caption.backend=transformers")
@@ -40,14 +35,12 @@ def vllm_processor(cfg):
     return build_processor(config, preprocess=vllm_request, postprocess=vllm_result)
 
 
-def _with_vllm(cfg, todo, lake, processor=None):
+def _with_vllm(ctx: RunContext, todo, processor=None):
     """Requests (CPU tasks: load, check, one row per caption to write), the vLLM
     processor on the GPUs (`processor`: vllm_processor(cfg) unless given), then the
     results of each image gathered into its row."""
-    requests = todo.map_batches(CaptionRequestOp, fn_constructor_kwargs=dict(caption=plain(cfg.caption), s3=lake.s3),
-                                compute=ray.data.ActorPoolStrategy(size=cfg.caption.num_actors),
-                                batch_size=cfg.caption.batch_size, batch_format="numpy",
-                                num_cpus=cfg.caption.num_cpus_per_actor)
+    cfg = ctx.cfg
+    requests = map_with_model(todo, ctx, CaptionRequestOp, "caption", use_gpus=False)
     ok = requests.filter(lambda r: r["reject_reason"] is None)
     rejected = requests.filter(lambda r: r["reject_reason"] is not None).map(
         lambda r: {k: r[k] for k in ("image_id", "sha256", "kind", "source_caption", "reject_reason")} | {"text": None})
@@ -58,27 +51,23 @@ def _with_vllm(cfg, todo, lake, processor=None):
         batch_format="pyarrow")
 
 
-def run(cfg) -> StageSummary:
-    check_backend(cfg)
-    started = begin_model_stage(cfg, "caption")
-    if started is None:
-        return StageSummary("caption")
-    lake, summary = started
-    model = cfg.models.captioner
+def run(ctx: RunContext) -> Summary:
+    check_backend(ctx.cfg)
+    summary = begin_model_stage(ctx, "caption")
+    if summary is None:
+        return Summary("caption")
+    lake = ctx.lake
     todo = read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"]).map_batches(
         keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-            table_uri=lake.uri("captions"), storage_options=lake.storage_options,
-            compare={"sha256": "sha256"}, constants={"model": model.name_or_path}))
+            tables=lake, table="captions", compare={"sha256": "sha256"},
+            constants={"model": ctx.cfg.models.captioner.name_or_path}))
     if not any_rows(todo):
         summary.skipped = summary.read
         return summary
-    if cfg.caption.backend == "vllm":
-        staged = _with_vllm(cfg, todo, lake)
+    if ctx.cfg.caption.backend == "vllm":
+        staged = _with_vllm(ctx, todo)
     else:
-        staged = todo.map_batches(
-            CaptionOp, fn_constructor_kwargs=dict(model=plain(model), caption=plain(cfg.caption), s3=lake.s3),
-            compute=ray.data.ActorPoolStrategy(size=cfg.caption.num_actors), batch_size=cfg.caption.batch_size,
-            batch_format="numpy", num_cpus=cfg.caption.num_cpus_per_actor, num_gpus=cfg.caption.num_gpus_per_actor)
+        staged = map_with_model(todo, ctx, CaptionOp, "caption")
     counts = stage_and_commit(staged, lake, "caption", OUTPUT_SCHEMA, "captions", ["image_id"], CAPTIONS)
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - summary.rejected

@@ -1,87 +1,139 @@
-"""Wiring shared by the stages: Ray start-up, the tiny models, staging, the summary line."""
+"""What the stages share: reading tables and manifests, skipping unchanged rows, staging and commit.
+
+Stage modules import this module and never each other (tests/test_layout.py).
+"""
 from __future__ import annotations
 
 import logging
-import os
-import time
-from dataclasses import dataclass, field
+from typing import Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import ray
 
-from pipelines.config import plain  # noqa: F401  (re-exported: the stages import it from here)
-from pipelines.lake import Lake
+from model.errors import PipelineError
+from ops.storage import filesystem
+from pipelines.context import RunContext, Summary
+from pipelines import lake as lake_tables
+from pipelines.lake import Lake, check_vector_dim
 
 log = logging.getLogger("pipelines")
 
 
-def init_ray(cfg) -> None:
-    if ray.is_initialized():
-        return
-    ctx_env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
-    kwargs = dict(runtime_env={"env_vars": ctx_env}, log_to_driver=True, include_dashboard=False)
-    if cfg.ray.address:
-        # A cluster (or a `ray job submit` job) brings its own runtime env: passing one
-        # here would replace the job's working_dir.
-        kwargs.pop("runtime_env")
-        ray.init(address=cfg.ray.address, **kwargs)
+class ManifestError(PipelineError):
+    pass
+
+
+def read_table(lake: Lake, table: str, columns: Sequence[str] | None = None,
+               filter: str | None = None) -> ray.data.Dataset:
+    return ray.data.read_lance(lake.uri(table), columns=list(columns) if columns else None, filter=filter,
+                               storage_options=lake.storage_options)
+
+
+def read_manifest(uri: str, s3: dict, required: Sequence[str] = ("image_id", "uri"),
+                  optional: Sequence[str] = ("caption",), what: str = "manifest") -> ray.data.Dataset:
+    """A Parquet or CSV table of string columns (`what` names it in errors): `required`
+    ones must be there, `optional` ones are kept when they are."""
+    fs, path = filesystem(uri, s3)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise ManifestError(f"{what} {uri}: cannot be read: {e}") from None
+    if info.type.name == "NotFound":
+        raise ManifestError(f"{what} {uri} does not exist")
+    if uri.endswith(".csv"):
+        # ids like 00012 must stay strings, not become the integer 12
+        opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in (*required, *optional)},
+                                    strings_can_be_null=True)
+        ds = ray.data.read_csv(path, filesystem=fs, convert_options=opts)
+    elif uri.endswith(".parquet") or info.type.name == "Directory":
+        ds = ray.data.read_parquet(path, filesystem=fs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.ray.progress_bars)
-    ctx.verbose_stats_logs = False
+        raise ManifestError(f"{what} {uri}: expected a .parquet file or folder, or a .csv file")
+    names = ds.schema().names
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ManifestError(f"{what} {uri} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                            f"required: {', '.join(required)}")
+    return ds.select_columns([c for c in (*required, *optional) if c in names])
 
 
-def prepare_models(cfg) -> None:
-    """Builds the tiny random models at the configured paths, if asked and missing."""
-    if not cfg.models.build_tiny:
-        return
-    from model.tiny import build_tiny_mllm, build_tiny_t5_encoder
-    from pipelines.synthetic import tokenizer_corpus
-
-    corpus = tokenizer_corpus() + [cfg.caption.prompt_long, cfg.caption.prompt_short, cfg.models.embedder.instruction]
-    paths = {cfg.models.captioner.name_or_path, cfg.models.embedder.name_or_path, cfg.models.describer.name_or_path}
-    for path in paths:
-        if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny_mllm(path, plain(cfg.tiny_models.mllm), corpus, cfg.seed)
-    t5 = cfg.models.text_encoder.name_or_path
-    if cfg.models.text_encoder.kind == "t5" and not os.path.exists(os.path.join(t5, "config.json")):
-        build_tiny_t5_encoder(t5, plain(cfg.tiny_models.t5), corpus, cfg.seed)
+QUERY_COLUMNS = ("query_id", "modification_text")
+OPTIONAL_QUERY_COLUMNS = ("reference_id", "reference_uri", "shared_concept", "target_id")
 
 
-@dataclass
-class StageSummary:
-    """The one line each stage ends with."""
-
-    stage: str
-    read: int = 0
-    written: int = 0
-    skipped: int = 0
-    rejected: int = 0
-    extra: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    def line(self) -> str:
-        more = "".join(f", {k} {v}" for k, v in self.extra.items())
-        return (f"[{self.stage}] read {self.read}, written {self.written}, skipped as unchanged {self.skipped}, "
-                f"rejected {self.rejected}{more} in {time.monotonic() - self.started:.1f}s")
+def read_queries(ctx: RunContext) -> ray.data.Dataset:
+    """The composed queries of `catalogue.queries` (the rank stage's input)."""
+    return read_manifest(ctx.cfg.catalogue.queries, ctx.lake.s3, required=QUERY_COLUMNS,
+                         optional=OPTIONAL_QUERY_COLUMNS, what="queries")
 
 
-def begin_model_stage(cfg, stage: str, source: str | None = "images", source_filter: str | None = None,
-                      needs: str = "ingest") -> tuple[Lake, StageSummary] | None:
-    """Start-up of a stage that runs a model over the table `source`; None when that
-    table is empty (the stage before, `needs`, has not run). source None: the stage
-    reads a file and counts it itself."""
-    init_ray(cfg)
-    prepare_models(cfg)
-    lake = Lake.from_conf(cfg)
-    summary = StageSummary(stage)
-    if source is None:
-        return lake, summary
-    summary.read = lake.count(source, source_filter)
+def duplicate_ids(ds: ray.data.Dataset, key: str, partitions: int, rows: int, local_max_rows: int) -> frozenset[str]:
+    """Values of `key` that occur more than once: counted on the driver for small tables,
+    else by a distributed count of which only the repeats reach the driver."""
+    if rows <= local_max_rows:
+        ids = pa.concat_arrays([r.column(key).combine_chunks().cast(pa.string())
+                                for r in ray.get(ds.select_columns([key]).to_arrow_refs()) if r.num_rows]) \
+            if rows else pa.array([], pa.string())
+        counts = pc.value_counts(ids)
+        repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+        return frozenset(str(i) for i in repeated if i not in (None, ""))
+    counts = ds.select_columns([key]).groupby(key, num_partitions=partitions).count()
+
+    def repeats(t: pa.Table) -> pa.Table:
+        return t.filter(pc.greater(t.column(t.schema.names[-1]), 1)).select([key])
+
+    return frozenset(str(r[key]) for r in counts.map_batches(repeats, batch_format="pyarrow").take_all()
+                     if r[key] not in (None, ""))
+
+
+def any_rows(ds: ray.data.Dataset) -> bool:
+    """Whether the (filtered) dataset yields a row, found by streaming until the first one:
+    on an unchanged catalogue a stage then starts no model actor at all (the keyed
+    lookups run, the models do not), and with changes the probe stops early."""
+    return ds.limit(1).count() > 0
+
+
+def map_with_model(ds: ray.data.Dataset, ctx: RunContext, op, section: str, use_gpus: bool = True,
+                   **kwargs) -> ray.data.Dataset:
+    """`op(ctx.conf, ctx.lake, **kwargs)` on a pool of `<section>.num_actors` actors, each
+    with the section's batch size, CPUs and (unless use_gpus is false) GPUs; refused at
+    once if the cluster lacks them."""
+    s = ctx.cfg[section]
+    gpus = s.get("num_gpus_per_actor", 0) if use_gpus else 0
+    ctx.require(f"{section} (each of {s.num_actors} actors)", s.num_cpus_per_actor, gpus,
+                f"{section}.num_cpus_per_actor / num_gpus_per_actor")
+    return ds.map_batches(op, fn_constructor_args=(ctx.conf, ctx.lake), fn_constructor_kwargs=kwargs,
+                          compute=ray.data.ActorPoolStrategy(size=s.num_actors), batch_size=s.batch_size,
+                          batch_format="pyarrow", num_cpus=s.num_cpus_per_actor, num_gpus=gpus)
+
+
+def begin_model_stage(ctx: RunContext, stage: str, source: str = "images", source_filter: str | None = None,
+                      needs: str = "ingest") -> Summary | None:
+    """The summary of a stage that runs a model over the table `source`, with its rows
+    counted; None when that table is empty (the stage before, `needs`, has not run)."""
+    ctx.start_ray()
+    summary = Summary(stage, read=ctx.lake.count(source, source_filter))
     if summary.read == 0:
-        print(f"[{stage}] the {source} table is empty or missing: run {needs} first")
+        summary.note = f"the {source} table is empty or missing: run {needs} first"
+        print(f"[{stage}] {summary.note}")
         return None
-    return lake, summary
+    return summary
+
+
+def check_embedder(ctx: RunContext, table: str = "embeddings", column: str = "vector") -> None:
+    """Refuses a wrong-sized embedder or table (of the embedder's vectors) before any image is read."""
+    from transformers import AutoConfig
+
+    from ops.embed import check_embedder_dim
+
+    model = ctx.cfg.models.embedder
+    check_embedder_dim(model.name_or_path, AutoConfig.from_pretrained(model.name_or_path).get_text_config().hidden_size,
+                       model.dim)
+    ds = ctx.lake.open(table)
+    if ds is not None:
+        check_vector_dim(ds, model.dim, ctx.lake.uri(table), column)
 
 
 def write_staging(ds, lake: Lake, stage: str, schema) -> None:
@@ -97,9 +149,7 @@ def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys
                      reject_key: str = "image_id") -> dict[str, int]:
     """Writes a stage's output to its staging dataset, then commits it to `table` and
     `rejects` (pipelines.lake.commit) and empties the staging."""
-    from pipelines.lake import commit
-
     write_staging(ds, lake, stage, staged_schema)
-    counts = commit(lake, stage, table, keys, schema, reject_key=reject_key)
+    counts = lake_tables.commit(lake, stage, table, keys, schema, reject_key=reject_key)
     lake.clear_staging(stage)
     return counts

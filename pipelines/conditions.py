@@ -4,13 +4,13 @@ and text encoder. Stage 1 then reads this table instead of `embeddings`."""
 from __future__ import annotations
 
 import pyarrow as pa
-import ray
 
+from model.text_encoder import text_encoder_name
 from ops.conditions import ConditionOp
 from ops.schemas import REJECT_REASON, stage1_examples_schema
-from pipelines.common import StageSummary, begin_model_stage, plain, stage_and_commit
-from pipelines.stages import keep_changed, read_table
-from pipelines.triplets import text_encoder_name
+from ops.tables import keep_changed
+from pipelines.common import begin_model_stage, map_with_model, read_table, stage_and_commit
+from pipelines.context import RunContext, Summary
 
 PAIRS = "kind = 'pair'"
 
@@ -21,26 +21,19 @@ def _label(batch: pa.Table, encoder: str, names: list[str]) -> pa.Table:
             .append_column(REJECT_REASON, pa.nulls(n, pa.string())).select(names))
 
 
-def run(cfg) -> StageSummary:
-    started = begin_model_stage(cfg, "conditions", source="embeddings", source_filter=PAIRS, needs="embed")
-    if started is None:
-        return StageSummary("conditions")
-    lake, summary = started
-    schema = stage1_examples_schema(cfg.models.embedder.dim)
-    encoder = text_encoder_name(cfg)
-    staged = (
-        read_table(lake, "embeddings", ["image_id", "sha256", "text", "vector"], filter=PAIRS)
-        .map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-            table_uri=lake.uri("stage1_examples"), storage_options=lake.storage_options,
-            compare={"sha256": "sha256", "text": "text"}, constants={"text_encoder": encoder}))
-        .map_batches(
-            ConditionOp, fn_constructor_kwargs=dict(text_encoder=plain(cfg.models.text_encoder),
-                                                    embedder=plain(cfg.models.embedder), text_column="text"),
-            compute=ray.data.ActorPoolStrategy(size=cfg.conditions.num_actors), batch_size=cfg.conditions.batch_size,
-            batch_format="pyarrow", num_cpus=cfg.conditions.num_cpus_per_actor,
-            num_gpus=cfg.conditions.num_gpus_per_actor)
-        .map_batches(_label, batch_format="pyarrow", fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names))
-    )
+def run(ctx: RunContext) -> Summary:
+    summary = begin_model_stage(ctx, "conditions", source="embeddings", source_filter=PAIRS, needs="embed")
+    if summary is None:
+        return Summary("conditions")
+    lake = ctx.lake
+    schema = stage1_examples_schema(ctx.cfg.models.embedder.dim)
+    encoder = text_encoder_name(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
+    todo = read_table(lake, "embeddings", ["image_id", "sha256", "text", "vector"], filter=PAIRS).map_batches(
+        keep_changed, batch_format="pyarrow", fn_kwargs=dict(
+            tables=lake, table="stage1_examples", compare={"sha256": "sha256", "text": "text"},
+            constants={"text_encoder": encoder}))
+    staged = map_with_model(todo, ctx, ConditionOp, "conditions", text_column="text").map_batches(
+        _label, batch_format="pyarrow", fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names))
     counts = stage_and_commit(staged, lake, "conditions", schema.append(REJECT_REASON), "stage1_examples",
                               ["image_id"], schema)
     summary.written = counts["written"]

@@ -1,8 +1,14 @@
 """The one config system: conf/base.yaml (every knob, documented) < deployment file < key=value.
 
-Errors are raised as ConfigError before any work starts: an unknown key names the key
-and the file or argument it came from; a wrong type names the key, the expected type
-and the value found.
+The config is checked whole when it is loaded, before Ray starts or any model loads,
+and each problem is a ConfigError of one line naming the key, the value and what is
+allowed: an unknown key (and the file or argument it came from), a wrong type, a
+value outside its enumeration or range (RULES below), and the rules that tie keys
+together (CROSS_RULES). The knobs are documented once, in conf/base.yaml; RULES only
+says which values each one accepts.
+
+Benchmark-only sections live in conf/bench/schema.yaml, a second schema the benchmark
+scripts pass to load_config (`schemas=`); the pipeline never sees them.
 """
 from __future__ import annotations
 
@@ -13,11 +19,15 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from model.errors import PipelineError
+from pipelines.registry import STAGES
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 BASE = CONF_DIR / "base.yaml"
+BENCH_SCHEMA = CONF_DIR / "bench" / "schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError):
     pass
 
 
@@ -62,9 +72,17 @@ def _check_types(cfg: Any, base: Any, path: str = "") -> None:
             _check_value(c, b, "resolved config", full)
 
 
+# Spellings YAML 1.1 reads as booleans; only true/false are taken, so that a typo such
+# as `train.use_gpu=yes` is refused rather than silently read as true.
+_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def _parse_override(arg: str) -> DictConfig:
     if "=" not in arg:
         raise ConfigError(f"override {arg!r} is not key=value")
+    key, value = arg.split("=", 1)
+    if value.strip().lower() in _BOOL_WORDS:
+        raise ConfigError(f"override {arg!r}: {key} takes true or false, not {value!r}")
     try:
         return OmegaConf.from_dotlist([arg])
     except OmegaConfBaseException as e:
@@ -72,13 +90,15 @@ def _parse_override(arg: str) -> DictConfig:
 
 
 def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
-                overrides: Sequence[str] = ()) -> DictConfig:
+                overrides: Sequence[str] = (), schemas: Sequence[Path] = (BASE,)) -> DictConfig:
     """Base < deployment file(s) `paths`, in order < `overrides` (key=value), checked and resolved.
 
     Several files layer like overrides: a benchmark's file holds only what it changes
     in the deployment it starts from (conf/bench/data.yaml on conf/demo.yaml).
+    `schemas` are the files that define the keys (base.yaml; the benchmarks add
+    conf/bench/schema.yaml).
     """
-    base = OmegaConf.load(BASE)
+    base = OmegaConf.merge(*[OmegaConf.load(s) for s in schemas])
     layers: list[tuple[str, DictConfig]] = []
     if paths is None:
         paths = []
@@ -106,9 +126,193 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
     except OmegaConfBaseException as e:
         raise ConfigError(f"config could not be resolved: {e}") from None
     _check_types(resolved, OmegaConf.create(OmegaConf.to_container(base, resolve=True)))
+    check_rules(resolved)
     OmegaConf.set_readonly(resolved, True)
     OmegaConf.set_struct(resolved, True)
     return resolved
+
+
+# ------------------------------------------------------------------ allowed values
+# Which values each knob accepts (its meaning is documented in conf/base.yaml). A key
+# pattern's `*` stands for any one section name (models.*.dtype).
+
+
+class Rule:
+    def __init__(self, describe: str, ok):
+        self.describe, self.ok = describe, ok
+
+
+def one_of(*values) -> Rule:
+    return Rule("one of " + ", ".join(map(str, values)), lambda v: v in values)
+
+
+def each_of(*values) -> Rule:
+    return Rule("a list of " + ", ".join(map(str, values)),
+                lambda v: isinstance(v, (list, ListConfig)) and all(x in values for x in v))
+
+
+def at_least(lo) -> Rule:
+    return Rule(f">= {lo}", lambda v: v >= lo)
+
+
+def above(lo) -> Rule:
+    return Rule(f"> {lo}", lambda v: v > lo)
+
+
+def between(lo, hi) -> Rule:
+    return Rule(f"in [{lo}, {hi}]", lambda v: lo <= v <= hi)
+
+
+def below_one() -> Rule:
+    return Rule("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+DEVICE = Rule("cpu, cuda or cuda:<n>", lambda v: v == "cpu" or v == "cuda" or
+              (v.startswith("cuda:") and v[5:].isdigit()))
+POSITIVE = at_least(1)
+COUNT = at_least(0)
+PROBABILITY = between(0, 1)
+# The rank stage's modes (ops/rank.py needs() says which models each one loads).
+RANK_MODES = ("full", "query_only", "prior_only", "joint", "text")
+# The stages `nightly.stages` may list: the registry's, but synth (nightly runs it
+# itself when synthetic.enabled and the manifest is missing).
+NIGHTLY_STAGES = tuple(name for name in STAGES if name != "synth")
+
+RULES: dict[str, Rule] = {
+    "seed": COUNT,
+    "ray.num_cpus": POSITIVE,
+    "images.min_side": POSITIVE, "images.max_side": POSITIVE, "images.max_pixels": POSITIVE,
+    "synthetic.num_images": POSITIVE, "synthetic.image_size": at_least(16), "synthetic.num_triplets": COUNT,
+    "synthetic.num_queries": COUNT,
+    "models.*.dtype": one_of("float32", "float16", "bfloat16"),
+    "models.*.device": DEVICE,
+    "models.*.image_min_pixels": POSITIVE, "models.*.image_max_pixels": POSITIVE,
+    "models.*.attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
+    "models.*.preprocess_threads": POSITIVE,
+    "models.embedder.overlap_parts": POSITIVE,
+    "models.embedder.dim": POSITIVE,
+    "models.text_encoder.kind": one_of("t5", "mllm"),
+    "models.text_encoder.max_tokens": POSITIVE,
+    "tiny_models.*.*": POSITIVE,
+    "*.batch_size": POSITIVE,
+    "*.num_actors": POSITIVE,
+    "*.num_cpus_per_actor": above(0),
+    "*.num_gpus_per_actor": COUNT,
+    "ingest.duplicate_check_partitions": POSITIVE,
+    "ingest.duplicate_check_local_max_rows": COUNT,
+    "caption.max_new_tokens_long": POSITIVE, "caption.max_new_tokens_short": POSITIVE,
+    "caption.backend": one_of("transformers", "vllm"),
+    "caption.kv_cache": one_of("dynamic", "static", "static_compiled"),
+    "caption.vllm.batch_size": POSITIVE, "caption.vllm.max_model_len": POSITIVE,
+    "embed.pair_short_fraction": PROBABILITY,
+    "prior.*": above(0),
+    "diffusion.num_train_timesteps": POSITIVE,
+    "diffusion.beta_schedule": one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.beta_start": above(0), "diffusion.beta_end": above(0),
+    "diffusion.p_cfg": PROBABILITY,
+    "diffusion.embedding_scale": at_least(0),
+    "sampling.sampler": one_of("dpmsolver++", "ddpm"),
+    "sampling.num_steps": POSITIVE,
+    "sampling.guidance_scale": at_least(0),
+    "sampling.control_scale": at_least(0),
+    "sampling.samples_per_query": POSITIVE,
+    "sampling.aggregation": one_of("mean", "none"),
+    "sampling.compile": one_of("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "train.num_workers": POSITIVE,
+    "train.cpus_per_worker": above(0),
+    # CUDA graphs (reduce-overhead) are left out: per-block graphs around autograd gain
+    # little and pin memory for every captured shape.
+    "train.compile": one_of("none", "default", "max-autotune-no-cudagraphs"),
+    "train.micro_batch_size": COUNT,
+    "train.text_conditions": one_of("worker", "precomputed"),
+    "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE, "train.max_failures": COUNT,
+    "train.log_every": POSITIVE, "train.shuffle_buffer": COUNT,
+    "train_stage*.lr": above(0), "train_stage*.weight_decay": at_least(0), "train_stage*.adam_eps": above(0),
+    "train_stage*.grad_clip": above(0), "train_stage*.warmup_steps": COUNT,
+    "train_stage*.lr_schedule": one_of("cosine", "constant"),
+    "train_stage*.epochs": POSITIVE, "train_stage*.max_steps": COUNT, "train_stage*.ema_decay": below_one(),
+    "train_stage2.condition_text": one_of("instruction", "description"),
+    "index.kind": one_of("IVF_PQ", "IVF_HNSW_SQ"),
+    "index.num_partitions": COUNT, "index.num_sub_vectors": COUNT, "index.min_rows": POSITIVE,
+    "index.nprobes": POSITIVE, "index.refine_factor": POSITIVE,
+    "rank.mode": one_of(*RANK_MODES),
+    "rank.text_query": one_of("prior", "embedding"),
+    "rank.joint_weight": PROBABILITY,
+    "rank.top_k": POSITIVE,
+    "rank.search": one_of("exact", "ann"),
+    "rank.describe_max_new_tokens": POSITIVE,
+    "rank.device": DEVICE,
+    "rank.search_batch_size": POSITIVE, "rank.gallery_block": POSITIVE,
+    "report.num_queries": POSITIVE, "report.top_k": POSITIVE, "report.thumbnail_size": at_least(16),
+    "nightly.stages": each_of(*NIGHTLY_STAGES),
+    "eval.benchmark": one_of("cirr", "fashioniq", "circo"),
+    "eval.modes": each_of(*RANK_MODES),
+}
+
+
+def _matching(cfg, pattern: str):
+    """(key, value) pairs of the leaves of `cfg` that `pattern` names."""
+    def walk(node, parts, path):
+        if not parts:
+            yield path, node
+            return
+        head, rest = parts[0], parts[1:]
+        if not isinstance(node, (DictConfig, dict)):
+            return
+        keys = list(node.keys()) if head.endswith("*") else [head]
+        for k in keys:
+            if head.endswith("*") and not str(k).startswith(head[:-1]):
+                continue
+            if k in node:
+                yield from walk(node[k], rest, f"{path}.{k}" if path else str(k))
+    yield from walk(cfg, pattern.split("."), "")
+
+
+def _cross_rules(cfg) -> list[tuple[str, object, str]]:
+    """(key, value, what is allowed) of each broken rule that ties keys together."""
+    broken = []
+    for stage in ("train_stage1", "train_stage2"):
+        b, w = cfg[stage].batch_size, cfg.train.num_workers
+        if b % w:
+            broken.append((f"{stage}.batch_size", b, f"a multiple of train.num_workers={w}"))
+    for name, m in cfg.models.items():
+        if isinstance(m, DictConfig) and "image_max_pixels" in m and m.image_max_pixels < m.image_min_pixels:
+            broken.append((f"models.{name}.image_max_pixels", m.image_max_pixels,
+                           f">= models.{name}.image_min_pixels={m.image_min_pixels}"))
+    p = cfg.prior
+    if p.map_size % p.patch_size:
+        broken.append(("prior.map_size", p.map_size, f"a multiple of prior.patch_size={p.patch_size}"))
+    if p.hidden_size % p.num_heads:
+        broken.append(("prior.hidden_size", p.hidden_size, f"a multiple of prior.num_heads={p.num_heads}"))
+    sub = cfg.index.num_sub_vectors
+    if sub and cfg.models.embedder.dim % sub:
+        broken.append(("index.num_sub_vectors", sub, f"a divisor of models.embedder.dim={cfg.models.embedder.dim}"))
+    if cfg.images.max_side < cfg.images.min_side:
+        broken.append(("images.max_side", cfg.images.max_side, f">= images.min_side={cfg.images.min_side}"))
+    return broken
+
+
+def check_rules(cfg) -> None:
+    """Every value inside its rule (RULES, then the cross-field ones): the first broken
+    one is refused, naming the key, the value and what is allowed."""
+    for pattern, rule in RULES.items():
+        for key, value in _matching(cfg, pattern):
+            if value is None or isinstance(value, (DictConfig, dict)):
+                continue
+            try:
+                ok = rule.ok(value)
+            except TypeError:  # a string where a number belongs (null defaults take any type)
+                ok = False
+            if not ok:
+                raise ConfigError(f"{key}={_show(value)}: expected {rule.describe}")
+    for key, value, allowed in _cross_rules(cfg):
+        raise ConfigError(f"{key}={_show(value)}: expected {allowed}")
+
+
+def _show(value) -> str:
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value)
+    return str(value) if not isinstance(value, str) else repr(value)
 
 
 def plain(node) -> dict:

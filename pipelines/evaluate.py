@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.errors import PipelineError
 from ops.metrics import MetricsError, map_at, recall_at, recall_subset_at
 from ops.storage import filesystem, is_s3, read_bytes, write_bytes
 
@@ -26,7 +27,7 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 CIRCO_GALLERY = "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"
 
 
-class AnnotationError(ValueError):
+class AnnotationError(PipelineError):
     pass
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from model.errors import PipelineError
 from ops.schemas import REJECTS, vector_dim
 from ops.storage import filesystem, lance_storage_options
 
 
-class TableError(ValueError):
+class TableError(PipelineError):
     pass
 
 
@@ -46,6 +47,9 @@ class Lake:
     def open(self, table: str) -> lance.LanceDataset | None:
         return open_dataset(self.uri(table), self.storage_options)
 
+    def open_staging(self, stage: str) -> lance.LanceDataset | None:
+        return open_dataset(self.staging_uri(stage), self.storage_options)
+
     def clear_staging(self, stage: str) -> None:
         """Removes a stage's staged rows (a crashed run's, or a committed run's)."""
         fs, path = filesystem(self.staging_uri(stage), self.s3)
@@ -57,6 +61,30 @@ class Lake:
     def count(self, table: str, filter: str | None = None) -> int:
         ds = self.open(table)
         return 0 if ds is None else ds.count_rows(filter=filter)
+
+    # -- ops/tables.py TableReader: what per-batch functions read of the lake
+
+    def lookup(self, table: str, ids: Sequence[str], columns: Sequence[str], key: str = "image_id",
+               where: str | None = None) -> dict[str, dict]:
+        return lookup(self.open(table), ids, columns, key=key, where=where)
+
+    def scan(self, table: str, columns: Sequence[str], filter: str | None = None,
+             batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        ds = self.open(table)
+        if ds is not None:
+            yield from ds.to_batches(columns=list(columns), filter=filter, batch_size=batch_size)
+
+    def nearest(self, table: str, vector, k: int, where: str | None, nprobes: int,
+                refine_factor: int) -> list[tuple[str, float]]:
+        """The k nearest rows to `vector` by the table's vector index: (image_id, cosine)."""
+        import lancedb
+
+        t = lancedb.connect(self.root, storage_options=self.storage_options).open_table(table)
+        q = t.search(vector, vector_column_name="vector").metric("cosine")
+        if where:
+            q = q.where(where, prefilter=True)
+        hits = q.nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["image_id"]).to_arrow()
+        return [(i, 1.0 - d) for i, d in zip(hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist())]
 
 
 def open_dataset(uri: str, storage_options: dict) -> lance.LanceDataset | None:
@@ -163,3 +191,9 @@ def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, read
 
 def _has_index(ds: lance.LanceDataset, column: str) -> bool:
     return any(column in idx.field_names for idx in ds.describe_indices())
+
+
+def has_vector_index(ds: lance.LanceDataset | None) -> bool:
+    """Whether the `index` stage has built its vector index on `vector`."""
+    return ds is not None and any("vector" in idx.field_names and idx.index_type.upper().startswith("IVF")
+                                  for idx in ds.describe_indices())

@@ -1,13 +1,15 @@
 """Stage `rank`: composed queries -> the top-k gallery images of each, into the lake.
 
-1. Query vectors (Ray Data, model actors): each query is resolved (its reference
-   image's uri and bytes' sha256 from `images`, or from its own reference_uri) and
-   keyed by everything its vector depends on (ops/rank.py `query_key`); only queries
-   whose key changed reach the models; vectors are cached in `query_vectors`.
-2. Search (Ray Data): for each batch of queries, an exact scan of the gallery
-   (`embeddings` of kind image) in blocks with a running top-k, or the `index`
-   stage's LanceDB index (rank.search: ann).
-3. Publish: one Parquet object per run at rankings/run_date=<date>/<run_id>.parquet,
+Read top to bottom, `run` does three things:
+
+1. `query_vectors`: each query is resolved once (its reference image's uri and bytes'
+   sha256 from `images`, or from its own reference_uri) and keyed by everything its
+   vector depends on (ops/rank.py `query_key`); only queries whose key changed reach
+   the model actors; vectors are cached in `query_vectors`.
+2. `search`: for each batch of queries, an exact scan of the gallery (`embeddings` of
+   kind image) in blocks with a running top-k, or the `index` stage's vector index
+   (rank.search: ann).
+3. `publish`: one Parquet object per run at rankings/run_date=<date>/<run_id>.parquet,
    written whole and then made visible (a local rename; on S3 a single PUT appears
    complete or not at all), and the Lance table `rankings` merged in one commit that
    also deletes the run's rows the new ranking lacks. A crashed run leaves no partial
@@ -19,71 +21,109 @@ import datetime as dt
 import hashlib
 import json
 import os
-import tempfile
-import time
-from dataclasses import dataclass, field
 
 import lance
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from model.checkpoints import CheckpointMismatch
 from model.text_encoder import text_encoder_dim
-from ops.images import sha256_hex
-from ops.rank import MODES, TEXT_QUERIES, QueryOp, RankError, file_digest, needs, query_key
-from ops.schemas import RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
-from ops.search import RunningTopK
-from ops.storage import filesystem, is_s3, local_copy, read_bytes
-from pipelines.common import init_ray, plain, prepare_models, stage_and_commit, write_staging
-from pipelines.ingest import read_manifest
-from pipelines.lake import Lake, TableError, lookup, open_dataset
-from pipelines.stages import any_rows, keep_changed
+from ops.rank import RESULT_SCHEMA, GallerySearch, QueryOp, RankError, file_digest, needs, resolve
+from ops.schemas import GALLERY, RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
+from ops.storage import filesystem, is_s3, read_json
+from ops.tables import keep_changed
+from pipelines.common import any_rows, duplicate_ids, map_with_model, read_queries, stage_and_commit, write_staging
+from pipelines.context import RunContext, Summary
+from pipelines.lake import Lake, TableError, has_vector_index
 
-QUERY_COLUMNS = ("query_id", "modification_text")
-OPTIONAL_QUERY_COLUMNS = ("reference_id", "reference_uri", "shared_concept", "target_id")
-GALLERY = "kind = 'image'"
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 
 
-@dataclass
-class RankSummary:
-    run_id: str
-    read: int = 0
-    computed: int = 0
-    reused: int = 0
-    rejected: int = 0
-    ranked: int = 0
-    rows: int = 0
-    where: str = ""
-    parquet: str = ""
-    started: float = field(default_factory=time.monotonic)
+def run(ctx: RunContext) -> Summary:
+    ctx.start_ray()
+    cfg, lake = ctx.cfg, ctx.lake
+    summary = Summary("rank", note=f"run {ctx.run_id}")
+    search_kind = check_gallery(ctx)
+    queries = read_queries(ctx)
+    summary.read = queries.count()
+    if summary.read == 0:
+        raise RankError(f"the queries table {cfg.catalogue.queries} is empty: nothing to rank")
+    use = needs(cfg.rank.mode, cfg.rank.text_query)
+    checkpoints = checkpoint_uris(ctx, use)
+    versions = model_versions(ctx, use)
+    repeated = duplicate_ids(queries, "query_id", cfg.ingest.duplicate_check_partitions, summary.read,
+                             cfg.ingest.duplicate_check_local_max_rows)
+    # Resolved once (each reference read and hashed once), then used by both steps.
+    resolved = queries.map_batches(resolve, batch_format="pyarrow", fn_kwargs=dict(
+        tables=lake, mode=cfg.rank.mode, versions=versions, duplicate_ids=repeated)).materialize()
+    counts = query_vectors(ctx, resolved, checkpoints)
+    summary.rejected = counts["rejected"]
+    summary.extra.update(computed=counts["written"], reused=summary.read - counts["written"] - counts["rejected"])
+    staged = search(ctx, resolved, search_kind)
+    summary.extra["rows"] = 0 if staged is None else staged.count_rows()
+    if summary.extra["rows"] == 0:
+        lake.clear_staging("rank_results")
+        raise RankError(f"no query could be ranked ({summary.rejected} rejected: see the rejects table); "
+                        f"nothing was written for run {ctx.run_id}")
+    summary.written = len(set(staged.to_table(columns=["query_id"]).column("query_id").to_pylist()))
+    run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    provenance = {"run_id": ctx.run_id, "run_date": run_date, "mode": cfg.rank.mode,
+                  "prior_version": versions.get("prior"), "adapter_version": versions.get("adapter"),
+                  "embedder": cfg.models.embedder.name_or_path,
+                  "config_hash": _digest({**versions, "rank": {k: x for k, x in ctx.conf["rank"].items()
+                                                               if k != "run_id"},
+                                          "index": ctx.conf["index"] if search_kind == "ann" else None})}
+    summary.note = f"run {ctx.run_id}; " + publish(lake, staged, provenance)
+    summary.outputs["parquet"] = rankings_parquet_uri(lake, run_date, ctx.run_id)
+    lake.clear_staging("rank_results")
+    return summary
 
-    def line(self) -> str:
-        return (f"[rank] run {self.run_id}: read {self.read} queries, vectors computed {self.computed}, "
-                f"reused {self.reused}, rejected {self.rejected}; ranked {self.ranked}, {self.rows} rows "
-                f"in {time.monotonic() - self.started:.1f}s; {self.where}")
+
+def check_gallery(ctx: RunContext) -> str:
+    """Refuses an empty gallery or one of another dimension; returns the search to use
+    (exact where rank.search is ann but no index was built)."""
+    lake, dim = ctx.lake, ctx.cfg.models.embedder.dim
+    gallery = lake.open("embeddings")
+    if gallery is None or gallery.count_rows(filter=GALLERY) == 0:
+        raise RankError(f"the gallery is empty: {lake.uri('embeddings')} has no vectors of kind image; run embed first")
+    if vector_dim(gallery.schema) != dim:
+        raise TableError(f"the gallery's vectors have size {vector_dim(gallery.schema)} but models.embedder.dim "
+                         f"is {dim}: refusing to rank")
+    if ctx.cfg.rank.search == "ann" and not has_vector_index(gallery):
+        print(f"[rank] no vector index on {lake.uri('embeddings')} (run `index`): searching exactly")
+        return "exact"
+    return ctx.cfg.rank.search
 
 
-def new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+def checkpoint_uris(ctx: RunContext, use: set[str]) -> dict:
+    """Where the mode's checkpoints are (each query actor fetches its own copy), checked
+    against the gallery's and the text encoder's sizes before any query is sampled."""
+    cfg, s3 = ctx.cfg, ctx.lake.s3
+    if "prior" not in use:
+        return {}
+    d_vl = cfg.models.embedder.dim
+    cond_dim = text_encoder_dim(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
+    found = read_json(f"{cfg.train_stage1.output.rstrip('/')}/config.json", s3)
+    if found is None:
+        raise CheckpointMismatch(f"no prior checkpoint at {cfg.train_stage1.output}: run train_stage1 first "
+                                 f"(or point train_stage1.output at one)")
+    if found.get("d_vl") != d_vl:
+        raise CheckpointMismatch(f"the gallery's vectors have size {d_vl} but the prior at "
+                                 f"{cfg.train_stage1.output} was trained on d_vl={found.get('d_vl')}: "
+                                 f"they come from different embedders")
+    out = {"prior": cfg.train_stage1.output, "expected_prior": {"d_vl": d_vl, "cond_dim": cond_dim}}
+    if "adapter" in use:
+        if read_json(f"{cfg.train_stage2.output.rstrip('/')}/config.json", s3) is None:
+            raise CheckpointMismatch(f"no Control-Adapter checkpoint at {cfg.train_stage2.output}: "
+                                     f"run train_stage2 first")
+        out["adapter"] = cfg.train_stage2.output
+    return out
 
 
-def _setting(cfg) -> tuple[str, str]:
-    r = cfg.rank
-    if r.mode not in MODES:
-        raise RankError(f"rank.mode={r.mode!r}: expected one of {', '.join(MODES)}")
-    if r.text_query not in TEXT_QUERIES:
-        raise RankError(f"rank.text_query={r.text_query!r}: expected one of {', '.join(TEXT_QUERIES)}")
-    if r.search not in ("exact", "ann"):
-        raise RankError(f"rank.search={r.search!r}: expected 'exact' or 'ann'")
-    return r.mode, r.text_query
-
-
-def versions(cfg, use: set[str], prior_path: str | None, adapter_path: str | None) -> dict:
+def model_versions(ctx: RunContext, use: set[str]) -> dict:
     """The models and settings a mode's vectors depend on (part of each query's key)."""
-    m = cfg.models
+    cfg, conf, m = ctx.cfg, ctx.conf, ctx.cfg.models
     out = {"mode": cfg.rank.mode, "seed": cfg.seed}
     if "describer" in use:
         out.update(describer=m.describer.name_or_path, template=cfg.rank.describe_template,
@@ -93,10 +133,10 @@ def versions(cfg, use: set[str], prior_path: str | None, adapter_path: str | Non
     if "text_encoder" in use:
         out.update(text_encoder=[m.text_encoder.kind, m.text_encoder.name_or_path, m.text_encoder.max_tokens])
     if "prior" in use:
-        out.update(prior=file_digest(os.path.join(prior_path, SAFETENSORS)), sampling=plain(cfg.sampling),
-                   diffusion=plain(cfg.diffusion))
+        out.update(prior=file_digest(f"{cfg.train_stage1.output.rstrip('/')}/{SAFETENSORS}", ctx.lake.s3),
+                   sampling=conf["sampling"], diffusion=conf["diffusion"])
     if "adapter" in use:
-        out["adapter"] = file_digest(os.path.join(adapter_path, SAFETENSORS))
+        out["adapter"] = file_digest(f"{cfg.train_stage2.output.rstrip('/')}/{SAFETENSORS}", ctx.lake.s3)
     if cfg.rank.mode == "joint":
         out["joint_weight"] = cfg.rank.joint_weight
     if cfg.rank.mode == "text":
@@ -104,217 +144,36 @@ def versions(cfg, use: set[str], prior_path: str | None, adapter_path: str | Non
     return out
 
 
-def resolve(batch: pa.Table, images_uri: str, storage_options: dict, s3: dict, mode: str, versions_: dict) -> pa.Table:
-    """Adds reference_uri / reference_sha256 from `images` (by reference_id) or from the
-    reference_uri's bytes, the query's key, and a reject_reason for queries that cannot run."""
-    rows = batch.to_pylist()
-    ids = [r.get("reference_id") for r in rows if r.get("reference_id")]
-    known = lookup(open_dataset(images_uri, storage_options), ids, ["uri", "sha256"])
-    out = []
-    for r in rows:
-        reason = None
-        ref_uri, ref_sha = r.get("reference_uri"), None
-        if not r.get("query_id"):
-            reason = "empty query_id"
-        elif not r.get("modification_text"):
-            reason = "empty modification_text"
-        elif mode != "text":
-            if r.get("reference_id"):
-                hit = known.get(r["reference_id"])
-                if hit is None:
-                    reason = f"reference image {r['reference_id']!r} is not in the images table (missing or rejected at ingest)"
-                else:
-                    ref_uri, ref_sha = hit["uri"], hit["sha256"]
-            elif ref_uri:
-                try:
-                    ref_sha = sha256_hex(read_bytes(ref_uri, s3))
-                except (FileNotFoundError, OSError) as e:
-                    reason = f"reference image: cannot read {ref_uri}: {e}"
-            else:
-                reason = "no reference_id or reference_uri"
-        row = {"query_id": r.get("query_id") or "", "mode": mode, "reference_id": r.get("reference_id"),
-               "reference_uri": ref_uri, "reference_sha256": ref_sha, "modification_text": r.get("modification_text"),
-               "shared_concept": r.get("shared_concept"), "reject_reason": reason, "uri": ref_uri}
-        row["query_key"] = query_key(row, versions_)
-        out.append(row)
-    schema = pa.schema([(k, pa.string()) for k in out[0]]) if out else pa.schema([])
-    return pa.Table.from_pylist(out, schema=schema)
+def query_vectors(ctx: RunContext, resolved: ray.data.Dataset, checkpoints: dict) -> dict[str, int]:
+    """Vectors of the queries whose key changed, committed to `query_vectors` (rejects to
+    `rejects`); counts written and rejected."""
+    cfg, lake = ctx.cfg, ctx.lake
+    use = needs(cfg.rank.mode, cfg.rank.text_query)
+    samples = cfg.sampling.samples_per_query if ("prior" in use and cfg.sampling.aggregation == "none") else 1
+    schema = query_vectors_schema(samples * cfg.models.embedder.dim)
+    staged_schema = schema.append(REJECT_REASON).append(pa.field("uri", pa.string()))
+    todo = resolved.map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
+        tables=lake, table="query_vectors", key="query_id", compare={"query_key": "query_key"},
+        where=f"mode = '{cfg.rank.mode}'"))
+    if not any_rows(todo):
+        return {"written": 0, "rejected": 0}
+    staged = map_with_model(todo, ctx, QueryOp, "rank", checkpoints=checkpoints, schema=staged_schema)
+    return stage_and_commit(staged, lake, "rank", staged_schema, "query_vectors", ["query_id", "mode"], schema,
+                            reject_key="query_id")
 
 
-class GallerySearch:
-    """Ranks a batch of queries (their cached vectors) against the gallery: exact blocked
-    scan or the LanceDB index; writes `rankings` rows (without the run's columns)."""
-
-    def __init__(self, lake: Lake, mode: str, top_k: int, search: str, block: int, exclude_reference: bool,
-                 index: dict, dim: int):
-        self.lake, self.mode, self.k, self.search = lake, mode, top_k, search
-        self.block, self.exclude, self.index, self.dim = block, exclude_reference, index, dim
-        self.table = None
-        if search == "ann":
-            import lancedb
-
-            self.table = lancedb.connect(lake.root, storage_options=lake.storage_options).open_table("embeddings")
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [r for r in batch.to_pylist() if not r.get("reject_reason")]
-        cached = lookup(open_dataset(self.lake.uri("query_vectors"), self.lake.storage_options),
-                        [r["query_id"] for r in rows], ["query_key", "description", "vector"],
-                        key="query_id", where=f"mode = '{self.mode}'")
-        live = [(r, cached[r["query_id"]]) for r in rows
-                if r["query_id"] in cached and cached[r["query_id"]]["query_key"] == r["query_key"]]
-        out = {name: [] for name in ("query_id", "rank", "image_id", "score", "description")}
-        if not live:
-            return pa.table(out, schema=_result_schema())
-        q = np.asarray([c["vector"] for _, c in live], np.float32).reshape(len(live), -1, self.dim)
-        exclude = [r["reference_id"] if self.exclude else None for r, _ in live]
-        ids, scores = self._exact(q, exclude) if self.search == "exact" else self._ann(q, exclude)
-        for (r, c), qi, qs in zip(live, ids, scores):
-            rank = 0
-            for image_id, score in zip(qi, qs):
-                if image_id is None or not np.isfinite(score):
-                    continue
-                rank += 1
-                for k, v in (("query_id", r["query_id"]), ("rank", rank), ("image_id", image_id),
-                             ("score", float(score)), ("description", c["description"])):
-                    out[k].append(v)
-        return pa.table(out, schema=_result_schema())
-
-    def _exact(self, q: np.ndarray, exclude: list) -> tuple[np.ndarray, np.ndarray]:
-        topk = RunningTopK(q, self.k, exclude)
-        ds = lance.dataset(self.lake.uri("embeddings"), storage_options=self.lake.storage_options)
-        for b in ds.to_batches(columns=["image_id", "vector"], filter=GALLERY, batch_size=self.block):
-            if b.num_rows:
-                vec = b.column("vector").values.to_numpy(zero_copy_only=False).reshape(b.num_rows, -1)
-                topk.add(b.column("image_id").to_pylist(), vec)
-        return topk.result()
-
-    def _ann(self, q: np.ndarray, exclude: list) -> tuple[list, list]:
-        """Each sample vector searched in the index (k + 1, so that the reference can go),
-        a query's samples merged by their best score."""
-        ids_out, scores_out = [], []
-        for samples, ex in zip(q, exclude):
-            best: dict[str, float] = {}
-            for v in samples:
-                hits = (self.table.search(v, vector_column_name="vector").metric("cosine")
-                        .where(GALLERY, prefilter=True).nprobes(self.index["nprobes"])
-                        .refine_factor(self.index["refine_factor"]).limit(self.k + 1)
-                        .select(["image_id"]).to_arrow())
-                for image_id, dist in zip(hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist()):
-                    if image_id != ex:
-                        best[image_id] = max(best.get(image_id, -np.inf), 1.0 - dist)
-            top = sorted(best.items(), key=lambda kv: -kv[1])[: self.k]
-            ids_out.append([t[0] for t in top])
-            scores_out.append([t[1] for t in top])
-        return ids_out, scores_out
-
-
-def _result_schema() -> pa.Schema:
-    return pa.schema([RANKINGS.field(n) for n in ("query_id", "rank", "image_id", "score", "description")])
+def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lance.LanceDataset | None:
+    """Every ranked query's top-k, staged as a Lance dataset (rank_results; None: no rows)."""
+    results = resolved.map_batches(
+        GallerySearch, fn_constructor_args=(ctx.conf, ctx.lake, search_kind),
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=ctx.cfg.rank.search_batch_size,
+        batch_format="pyarrow")
+    write_staging(results, ctx.lake, "rank_results", RESULT_SCHEMA)
+    return ctx.lake.open_staging("rank_results")
 
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _checkpoints(cfg, use: set[str], lake: Lake, cache: str, gallery_dim: int) -> tuple[str | None, str | None, dict]:
-    """Local copies of the checkpoints the mode needs, checked against the gallery's and
-    the text encoder's sizes before any query is sampled."""
-    if "prior" not in use:
-        return None, None, {}
-    cond_dim = text_encoder_dim(plain(cfg.models.text_encoder), plain(cfg.models.embedder))
-    prior_path = local_copy(cfg.train_stage1.output, lake.s3, cache)
-    config_file = os.path.join(prior_path, "config.json")
-    if not os.path.exists(config_file):
-        raise CheckpointMismatch(f"no prior checkpoint at {cfg.train_stage1.output}: run train_stage1 first "
-                                 f"(or point train_stage1.output at one)")
-    with open(config_file) as f:
-        found = json.load(f)
-    if found.get("d_vl") != gallery_dim:
-        raise CheckpointMismatch(f"the gallery's vectors have size {gallery_dim} but the prior at "
-                                 f"{cfg.train_stage1.output} was trained on d_vl={found.get('d_vl')}: "
-                                 f"they come from different embedders")
-    adapter_path = local_copy(cfg.train_stage2.output, lake.s3, cache) if "adapter" in use else None
-    if adapter_path and not os.path.exists(os.path.join(adapter_path, "config.json")):
-        raise CheckpointMismatch(f"no Control-Adapter checkpoint at {cfg.train_stage2.output}: run train_stage2 first")
-    return prior_path, adapter_path, {"d_vl": gallery_dim, "cond_dim": cond_dim}
-
-
-def run(cfg, run_id: str | None = None) -> RankSummary:
-    mode, text_query = _setting(cfg)
-    run_id = run_id or cfg.rank.run_id or new_run_id()
-    summary = RankSummary(run_id)
-    init_ray(cfg)
-    prepare_models(cfg)
-    lake = Lake.from_conf(cfg)
-    gallery = lake.open("embeddings")
-    gallery_rows = 0 if gallery is None else gallery.count_rows(filter=GALLERY)
-    if gallery_rows == 0:
-        raise RankError(f"the gallery is empty: {lake.uri('embeddings')} has no vectors of kind image; run embed first")
-    dim = cfg.models.embedder.dim
-    if vector_dim(gallery.schema) != dim:
-        raise TableError(f"the gallery's vectors have size {vector_dim(gallery.schema)} but models.embedder.dim "
-                         f"is {dim}: refusing to rank")
-    queries = read_manifest(cfg.catalogue.queries, lake.s3, required=QUERY_COLUMNS,
-                            optional=OPTIONAL_QUERY_COLUMNS, what="queries")
-    summary.read = queries.count()
-    if summary.read == 0:
-        raise RankError(f"the queries table {cfg.catalogue.queries} is empty: nothing to rank")
-    if cfg.rank.search == "ann" and not _has_vector_index(gallery):
-        print(f"[rank] no vector index on {lake.uri('embeddings')} (run `index`): searching exactly")
-    search = cfg.rank.search if _has_vector_index(gallery) else "exact"
-    use = needs(mode, text_query)
-    samples = cfg.sampling.samples_per_query if ("prior" in use and cfg.sampling.aggregation == "none") else 1
-    schema = query_vectors_schema(samples * dim)
-    staged_schema = schema.append(REJECT_REASON).append(pa.field("uri", pa.string()))
-    with tempfile.TemporaryDirectory() as cache:
-        prior_path, adapter_path, expected = _checkpoints(cfg, use, lake, cache, vector_dim(gallery.schema))
-        v = versions(cfg, use, prior_path, adapter_path)
-        resolved = queries.map_batches(resolve, batch_format="pyarrow", fn_kwargs=dict(
-            images_uri=lake.uri("images"), storage_options=lake.storage_options, s3=lake.s3, mode=mode, versions_=v))
-        todo = resolved.map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-            table_uri=lake.uri("query_vectors"), storage_options=lake.storage_options, key="query_id",
-            compare={"query_key": "query_key"}, where=f"mode = '{mode}'"))
-        staged = None if not any_rows(todo) else (
-            todo.map_batches(
-                QueryOp, fn_constructor_kwargs=dict(
-                    models=plain(cfg.models), rank=plain(cfg.rank), diffusion=plain(cfg.diffusion),
-                    sampling=plain(cfg.sampling), prior_path=prior_path, adapter_path=adapter_path,
-                    expected_prior=expected, s3=lake.s3, seed=cfg.seed, schema=staged_schema),
-                compute=ray.data.ActorPoolStrategy(size=cfg.rank.num_actors), batch_size=cfg.rank.batch_size,
-                batch_format="pyarrow", num_cpus=cfg.rank.num_cpus_per_actor, num_gpus=cfg.rank.num_gpus_per_actor)
-        )
-        counts = {"written": 0, "rejected": 0} if staged is None else stage_and_commit(
-            staged, lake, "rank", staged_schema, "query_vectors", ["query_id", "mode"], schema, reject_key="query_id")
-    summary.computed, summary.rejected = counts["written"], counts["rejected"]
-    summary.reused = summary.read - summary.computed - summary.rejected
-    results = resolved.map_batches(
-        GallerySearch, fn_constructor_kwargs=dict(
-            lake=lake, mode=mode, top_k=cfg.rank.top_k, search=search, block=cfg.rank.gallery_block,
-            exclude_reference=cfg.rank.exclude_reference, index=plain(cfg.index), dim=dim),
-        compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.rank.search_batch_size, batch_format="pyarrow")
-    run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    provenance = {"run_id": run_id, "run_date": run_date, "mode": mode,
-                  "prior_version": v.get("prior"), "adapter_version": v.get("adapter"),
-                  "embedder": cfg.models.embedder.name_or_path,
-                  "config_hash": _digest({**v, "rank": {k: x for k, x in plain(cfg.rank).items() if k != "run_id"},
-                                          "index": plain(cfg.index) if search == "ann" else None})}
-    write_staging(results, lake, "rank_results", _result_schema())
-    staged_results = open_dataset(lake.staging_uri("rank_results"), lake.storage_options)
-    summary.rows = 0 if staged_results is None else staged_results.count_rows()
-    if summary.rows == 0:
-        lake.clear_staging("rank_results")
-        raise RankError(f"no query could be ranked ({summary.rejected} rejected: see the rejects table); "
-                        f"nothing was written for run {run_id}")
-    summary.ranked = len(set(staged_results.to_table(columns=["query_id"]).column("query_id").to_pylist()))
-    summary.where = publish(lake, staged_results, provenance)
-    summary.parquet = rankings_parquet_uri(lake, run_date, run_id)
-    lake.clear_staging("rank_results")
-    return summary
-
-
-def _has_vector_index(ds) -> bool:
-    return any("vector" in idx.field_names and idx.index_type.upper().startswith("IVF")
-               for idx in ds.describe_indices())
 
 
 def _with_provenance(reader, provenance: dict):

@@ -14,9 +14,13 @@ import os
 import time
 
 
+import pyarrow as pa
+
 from ops.images import ImageRejected, load_image
 from ops.storage import is_s3, write_bytes
-from pipelines.lake import Lake, lookup, sql_in
+from pipelines.common import read_queries
+from pipelines.context import RunContext, Summary
+from pipelines.lake import TableError, lookup, sql_in
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
 td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}td.top{white-space:nowrap}figure{display:inline-block;margin:0 6px;text-align:center}
@@ -40,14 +44,22 @@ def _figure(src: str | None, caption: str, target: bool) -> str:
     return f'<figure class="{"target" if target else ""}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
-def write(cfg, run_id: str, stage_lines: list[str], queries_table, extra_html: str = "") -> str:
-    """The page of run `run_id`; returns its path (or URI)."""
-    lake = Lake.from_conf(cfg)
-    r = cfg.report
+def run(ctx: RunContext) -> Summary:
+    """The page of the context's run, for the first `report.num_queries` queries."""
+    ctx.start_ray()
+    sample = pa.Table.from_pylist(read_queries(ctx).sort("query_id").take(ctx.cfg.report.num_queries))
+    page = write(ctx, sample)
+    return Summary("report", read=sample.num_rows, written=1, note=f"page at {page}")
+
+
+def write(ctx: RunContext, queries_table: pa.Table) -> str:
+    """The page of run `ctx.run_id` for the queries of `queries_table`; returns its path (or URI)."""
+    lake, r, run_id = ctx.lake, ctx.cfg.report, ctx.run_id
+    stage_lines, extra_html = ctx.lines, ctx.page_header
     out = f"{r.dir.rstrip('/')}/{run_id}"
     rankings = lake.open("rankings")
     if rankings is None:
-        raise ValueError(f"no rankings table at {lake.uri('rankings')}: run rank first")
+        raise TableError(f"no rankings table at {lake.uri('rankings')}: run rank first")
     qids = sorted(queries_table.column("query_id").to_pylist())[: r.num_queries]
     queries = {row["query_id"]: row for row in queries_table.to_pylist() if row["query_id"] in set(qids)}
     rows = rankings.to_table(filter=f"run_id = '{run_id}' AND rank <= {r.top_k} AND " + sql_in("query_id", qids)) \

@@ -186,9 +186,45 @@ def tokenizer_corpus() -> list[str]:
     return lines + [" ".join(words)]
 
 
-def synth(cfg) -> None:
-    """The catalogue of conf `synthetic`, with a one-line summary."""
+def build_demo_models(cfg) -> list[str]:
+    """The tiny random models of conf `tiny_models` at the configured model paths, where
+    missing (models.build_tiny); returns the paths built. The demo's and the tests' job,
+    never a production stage's."""
+    import os
+
+    from model.tiny import build_tiny_mllm, build_tiny_t5_encoder
+    from pipelines.config import plain
+
+    if not cfg.models.build_tiny:
+        return []
+    corpus = tokenizer_corpus() + [cfg.caption.prompt_long, cfg.caption.prompt_short, cfg.models.embedder.instruction]
+    built = []
+    for path in sorted({cfg.models.captioner.name_or_path, cfg.models.embedder.name_or_path,
+                        cfg.models.describer.name_or_path}):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_tiny_mllm(path, plain(cfg.tiny_models.mllm), corpus, cfg.seed)
+            built.append(path)
+    t5 = cfg.models.text_encoder.name_or_path
+    if cfg.models.text_encoder.kind == "t5" and not os.path.exists(os.path.join(t5, "config.json")):
+        build_tiny_t5_encoder(t5, plain(cfg.tiny_models.t5), corpus, cfg.seed)
+        built.append(t5)
+    return built
+
+
+def synth(cfg) -> dict[str, str]:
+    """The catalogue of conf `synthetic`; returns its files' URIs."""
     s = cfg.synthetic
-    uris = make_catalogue(s.out_dir, s.num_images, s.image_size, s.num_triplets, s.num_queries, cfg.seed,
+    return make_catalogue(s.out_dir, s.num_images, s.image_size, s.num_triplets, s.num_queries, cfg.seed,
                           dict(cfg.storage.s3))
-    print(f"[synth] {s.num_images} images, {s.num_triplets} triplets, {s.num_queries} queries: {uris['manifest']}")
+
+
+def run(ctx) -> "Summary":
+    """Stage `synth`: the synthetic world, its catalogue and (models.build_tiny) its models."""
+    from pipelines.context import Summary
+
+    s = ctx.cfg.synthetic
+    uris = synth(ctx.cfg)
+    built = build_demo_models(ctx.cfg)
+    return Summary("synth", written=s.num_images, extra={"triplets": s.num_triplets, "queries": s.num_queries,
+                                                          "models_built": len(built)},
+                   note=f"manifest {uris['manifest']}")

@@ -34,53 +34,34 @@ from omegaconf import OmegaConf
 
 from model.checkpoints import CheckpointMismatch, load_prior
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
+from model.errors import PipelineError
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
-from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim
+from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim, text_encoder_name
 from model.training import (EMA, OptimConfig, accumulate_gradients, apply_step, load_training_state, make_optimizer,
                             make_scheduler, save_training_state)
 from ops.conditions import conditions_from_columns
 from ops.plots import line_chart_png
 from ops.storage import copy_dir, filesystem, local_copy, read_json, write_bytes
-from pipelines.common import init_ray, plain, prepare_models
-from pipelines.lake import Lake, check_vector_dim
-from pipelines.stages import read_table
-from pipelines.triplets import text_encoder_name
+from pipelines.common import read_table
+from pipelines.config import plain
+from pipelines.context import RunContext, Summary
+from pipelines.lake import check_vector_dim
 
-STAGES = ("stage1", "stage2")
-# CUDA graphs (reduce-overhead) are left out: per-block graphs around autograd gain
-# little and pin memory for every captured shape.
-TRAIN_COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 MODEL_DIR, EMA_MODEL_DIR = "model", "ema_model"
+# Fault drills (tests and crash drills only, never a config key): a JSON object in this
+# environment variable, e.g. {"fail_at_step": 7} (the last worker raises once at that
+# step) or {"nan_at_step": 7} (the loss is made NaN there).
+FAULTS_ENV = "CIRPIPE_TEST_FAULTS"
 
 
-class TrainingError(ValueError):
+class TrainingError(PipelineError):
     pass
-
-
-@dataclass
-class TrainSummary:
-    """The one line a training stage ends with."""
-
-    stage: str
-    rows: int
-    resumed_from: int
-    step: int
-    total: int
-    restarts: int
-    loss: float
-    output: str
-    started: float
-
-    def line(self) -> str:
-        return (f"[{self.stage}] read {self.rows} rows, trained steps {self.resumed_from}-{self.step} of {self.total}, "
-                f"worker restarts {self.restarts}, final loss {self.loss:.4f} in "
-                f"{time.monotonic() - self.started:.1f}s; model: {self.output}")
 
 
 def _source(cfg, stage: str) -> tuple[str, str | None, list[str], str]:
     """(table, filter, columns, what to run first) of a stage's training rows."""
     precomputed = cfg.train.text_conditions == "precomputed"
-    encoder = text_encoder_name(cfg).replace("'", "''")
+    encoder = text_encoder_name(plain(cfg.models.text_encoder), plain(cfg.models.embedder)).replace("'", "''")
     if stage == "stage1":
         if precomputed:
             return ("stage1_examples", f"text_encoder = '{encoder}'", ["vector", "cond_tokens", "cond_len"],
@@ -166,16 +147,16 @@ def _finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:
     return float(t[0]) / world, float(t[1]) == 0.0
 
 
-def _maybe_inject_failure(cfg, stage: str, step: int, rank: int, world: int) -> None:
-    """train.fail_at_step: the last worker raises once (a marker under run_dir says it did)."""
-    if cfg.train.fail_at_step != step or rank != world - 1:
+def _maybe_inject_failure(cfg, faults: dict, stage: str, step: int, rank: int, world: int) -> None:
+    """The drill's fail_at_step: the last worker raises once (a marker under run_dir says it did)."""
+    if faults.get("fail_at_step") != step or rank != world - 1:
         return
     marker = os.path.join(cfg.run_dir, f".injected_failure_{stage}_{cfg[f'train_{stage}'].run_name}")
     if os.path.exists(marker):
         return
     os.makedirs(cfg.run_dir, exist_ok=True)
     open(marker, "w").close()
-    raise RuntimeError(f"injected failure at step {step} on worker {rank} (train.fail_at_step)")
+    raise RuntimeError(f"injected failure at step {step} on worker {rank} ({FAULTS_ENV} fail_at_step)")
 
 
 def _save_checkpoint(model, opt, sched, ema: EMA | None, state: dict, metrics: dict) -> None:
@@ -192,6 +173,7 @@ def _save_checkpoint(model, opt, sched, ema: EMA | None, state: dict, metrics: d
 def train_loop(config: dict) -> None:
     cfg = OmegaConf.create(config["cfg"])
     stage, total, per_epoch = config["stage"], config["total_steps"], config["steps_per_epoch"]
+    faults = config["faults"]
     sc, tc = cfg[f"train_{stage}"], cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -228,7 +210,7 @@ def train_loop(config: dict) -> None:
         model, parallel_strategy_kwargs={"find_unused_parameters": stage == "stage2"})
     if tc.compile != "none":
         # The frozen prior too: in Stage 2 its forward is most of the step.
-        mode = compile_mode(tc.compile, "train.compile", TRAIN_COMPILE_MODES)
+        mode = compile_mode(tc.compile, "train.compile")
         compile_blocks(prior, mode)
         if model is not prior:
             compile_blocks(model, mode)
@@ -255,7 +237,7 @@ def train_loop(config: dict) -> None:
             if i < skip or i >= per_epoch or state["step"] >= total:
                 continue
             step = state["step"]
-            _maybe_inject_failure(cfg, stage, step, rank, world)
+            _maybe_inject_failure(cfg, faults, stage, step, rank, world)
             z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
 
             def loss_of_rows(rows: slice) -> torch.Tensor:
@@ -269,7 +251,7 @@ def train_loop(config: dict) -> None:
 
             loss = accumulate_gradients(loss_of_rows, z0.shape[0], tc.micro_batch_size,
                                         getattr(wrapped, "no_sync", None))
-            if tc.nan_at_step == step:
+            if faults.get("nan_at_step") == step:
                 loss = loss * float("nan")
             mean_loss, finite = _finite_mean(loss.detach(), world, device)
             if not finite:
@@ -305,22 +287,25 @@ def train_loop(config: dict) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def run(cfg, stage: str) -> TrainSummary:
-    if stage not in STAGES:
-        raise TrainingError(f"unknown training stage {stage!r}: expected one of {STAGES}")
+def run_stage1(ctx: RunContext) -> Summary:
+    return run(ctx, "stage1")
+
+
+def run_stage2(ctx: RunContext) -> Summary:
+    return run(ctx, "stage2")
+
+
+def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
+    """Trains `stage` (stage1 or stage2) on Ray Train; `faults` (or the FAULTS_ENV
+    variable) injects the drills' failures."""
+    cfg = ctx.cfg
     sc, tc = cfg[f"train_{stage}"], cfg.train
-    if tc.text_conditions not in ("worker", "precomputed"):
-        raise TrainingError(f"train.text_conditions={tc.text_conditions!r}: expected 'worker' or 'precomputed'")
-    if tc.micro_batch_size < 0:
-        raise TrainingError(f"train.micro_batch_size={tc.micro_batch_size}: expected 0 (whole batches) or more")
-    try:
-        compile_mode(tc.compile, "train.compile", TRAIN_COMPILE_MODES)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    started = time.monotonic()
-    init_ray(cfg)
-    prepare_models(cfg)
-    lake = Lake.from_conf(cfg)
+    faults = faults if faults is not None else json.loads(os.environ.get(FAULTS_ENV) or "{}")
+    summary = Summary(f"train_{stage}")
+    ctx.start_ray()
+    lake = ctx.lake
+    ctx.require(f"train_{stage} ({tc.num_workers} workers)", tc.num_workers * tc.cpus_per_worker,
+                tc.num_workers if tc.use_gpu else 0, "train.num_workers, train.cpus_per_worker, train.use_gpu")
     table, flt, columns, needs = _source(cfg, stage)
     rows = lake.count(table, flt)
     if rows == 0:
@@ -328,9 +313,6 @@ def run(cfg, stage: str) -> TrainSummary:
                             f": run {needs} first")
     check_vector_dim(lake.open(table), cfg.models.embedder.dim, lake.uri(table),
                      "vector" if stage == "stage1" else "z_target")
-    if sc.batch_size % tc.num_workers:
-        raise TrainingError(f"train_{stage}.batch_size={sc.batch_size} must divide evenly over "
-                            f"train.num_workers={tc.num_workers}")
     per_epoch = rows // sc.batch_size
     if per_epoch == 0:
         raise TrainingError(f"{lake.uri(table)} has {rows} training rows, fewer than one batch "
@@ -353,8 +335,8 @@ def run(cfg, stage: str) -> TrainSummary:
     fs, path = filesystem(tc.storage, lake.s3)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": plain(cfg), "stage": stage, "total_steps": total, "steps_per_epoch": per_epoch,
-                           "prior_config": prior_config},
+        train_loop_config={"cfg": ctx.conf, "stage": stage, "total_steps": total, "steps_per_epoch": per_epoch,
+                           "prior_config": prior_config, "faults": faults},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -379,8 +361,11 @@ def run(cfg, stage: str) -> TrainSummary:
     state = export(cfg, stage, result.checkpoint, lake.s3)
     resumed = before.get("step", 0)
     restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)
-    return TrainSummary(f"train_{stage}", rows, resumed, state["step"], total, max(0, restarts),
-                        state["metrics"][-1]["loss"] if state["metrics"] else float("nan"), sc.output, started)
+    summary.read, summary.written = rows, state["step"] - resumed
+    summary.extra.update(resumed_from=resumed, step=state["step"], total=total, restarts=max(0, restarts),
+                         loss=state["metrics"][-1]["loss"] if state["metrics"] else float("nan"))
+    summary.note = f"model: {sc.output}"
+    return summary
 
 
 def export(cfg, stage: str, checkpoint: ray.train.Checkpoint, s3: dict) -> dict:

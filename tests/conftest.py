@@ -16,11 +16,11 @@ from pipelines.config import load_config
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of a tiny Qwen2.5-VL MLLM and a tiny T5 encoder, built offline once."""
-    from pipelines.common import prepare_models
+    from pipelines.synthetic import build_demo_models
 
     root = tmp_path_factory.mktemp("models")
     cfg = load_config("conf/demo.yaml", [f"run_dir={root}"])
-    prepare_models(cfg)
+    build_demo_models(cfg)
     return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
 
 
@@ -35,6 +35,14 @@ def tiny_config(run_dir, tiny_models, *extra):
         "ray.progress_bars=false",
         *extra,
     ])
+
+
+def run_stage(cfg, name: str, run_id: str | None = None):
+    """Stage `name` of the registry on `cfg`, as the command line runs it; its Summary."""
+    from pipelines.context import RunContext
+    from pipelines.registry import STAGES
+
+    return STAGES[name].run(RunContext.create(cfg, run_id))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import base64
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -23,14 +24,15 @@ def batch(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    return {"image_id": np.array(["a", "b", "bad"]), "uri": np.array([str(a), str(b), str(bad)]),
-            "sha256": np.array([_png(a, "red"), _png(b, "blue"), sha256_hex(bad.read_bytes())]),
-            "source_caption": np.array(["a red card", None, None], dtype=object)}
+    return pa.table({"image_id": ["a", "b", "bad"], "uri": [str(a), str(b), str(bad)],
+                     "sha256": [_png(a, "red"), _png(b, "blue"), sha256_hex(bad.read_bytes())],
+                     "source_caption": pa.array(["a red card", None, None], pa.string())})
 
 
 def test_requests_one_per_caption_to_write_and_rejects(batch):
-    conf = plain(load_config("conf/demo.yaml").caption)
+    conf = plain(load_config("conf/demo.yaml"))
     rows = CaptionRequestOp(conf, None)(batch).to_pylist()
+    conf = conf["caption"]
     kinds = [(r["image_id"], r["kind"]) for r in rows]
     # a: the manifest's caption is its short one; b: both generated; bad: one reject row.
     assert kinds == [("a", "long"), ("b", "long"), ("b", "short"), ("bad", "long")]
@@ -39,15 +41,14 @@ def test_requests_one_per_caption_to_write_and_rejects(batch):
     assert rows[3]["image_url"] is None
     # The data URL carries the checked image losslessly.
     png = base64.b64decode(rows[1]["image_url"].split(",", 1)[1])
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(batch["uri"][1]).convert("RGB")))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(batch["uri"][1].as_py()).convert("RGB")))
     # Without the manifest's caption, every image gets a short one generated.
-    no_manifest = CaptionRequestOp({**conf, "short_from_manifest": False}, None)(batch).to_pylist()
+    no_manifest = CaptionRequestOp({"caption": {**conf, "short_from_manifest": False}}, None)(batch).to_pylist()
     assert [(r["image_id"], r["kind"]) for r in no_manifest][:3] == [("a", "long"), ("a", "short"), ("b", "long")]
 
 
 def test_results_gather_into_the_rows_the_transformers_backend_writes(batch):
-    conf = plain(load_config("conf/demo.yaml").caption)
-    requests = CaptionRequestOp(conf, None)(batch).to_pylist()
+    requests = CaptionRequestOp(plain(load_config("conf/demo.yaml")), None)(batch).to_pylist()
     engine_out = []
     for r in requests[:3]:
         req = vllm_request(r)
@@ -73,32 +74,31 @@ def test_vllm_processor_is_wired_for_images(ray_local):
 
 
 def test_running_the_vllm_backend_without_vllm_is_refused(tmp_path):
-    from pipelines.caption import run
+    from tests.conftest import run_stage
 
     with pytest.raises(ConfigError, match="needs the vllm package"):
-        run(load_config("conf/demo.yaml", [f"run_dir={tmp_path}", "caption.backend=vllm"]))
-    with pytest.raises(ConfigError, match="caption.backend='tgi'"):
-        run(load_config("conf/demo.yaml", [f"run_dir={tmp_path}", "caption.backend=tgi"]))
+        run_stage(load_config("conf/demo.yaml", [f"run_dir={tmp_path}", "caption.backend=vllm"]), "caption")
+    with pytest.raises(ConfigError, match="caption.backend='tgi': expected one of transformers, vllm"):
+        load_config("conf/demo.yaml", [f"run_dir={tmp_path}", "caption.backend=tgi"])
 
 
 def test_the_stage_plumbing_around_the_engine(ray_local, batch):
     """Requests -> engine -> gathered rows, with a stand-in for the engine (it echoes
     each request's kind and image): what is tested is the Ray Data wiring around it,
     reject rows bypassing it and one captions row per image coming out."""
-    import types
-
     import ray
 
     from ops.caption import OUTPUT_SCHEMA
     from pipelines.caption import _with_vllm
+    from pipelines.context import RunContext
 
     def stand_in_engine(ds):
         return ds.map(vllm_request).map(lambda r: {**r, "generated_text": f"{r['kind']} of {r['image_id']}"}).map(
             vllm_result)
 
     cfg = load_config("conf/demo.yaml", ["caption.backend=vllm", "caption.num_actors=1", "caption.num_cpus_per_actor=1"])
-    todo = ray.data.from_items([{k: batch[k][i] for k in batch} for i in range(3)])
-    out = _with_vllm(cfg, todo, types.SimpleNamespace(s3=None), processor=stand_in_engine)
+    todo = ray.data.from_arrow(batch)
+    out = _with_vllm(RunContext.create(cfg), todo, processor=stand_in_engine)
     rows = {r["image_id"]: r for r in out.take_all()}
     assert set(rows) == {"a", "b", "bad"}
     assert (rows["a"]["caption_long"], rows["a"]["caption_short"]) == ("long of a", "a red card")

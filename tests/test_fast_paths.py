@@ -144,12 +144,11 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
     assert rel(grads[3][1], grads[0][1]) < 1e-5
 
 
-def test_training_refuses_cuda_graphs_before_any_worker(tmp_path):
-    from pipelines.train import TrainingError, run
+def test_training_refuses_cuda_graphs_at_load(tmp_path):
+    from pipelines.config import ConfigError
 
-    cfg = load_config("conf/demo.yaml", [f"run_dir={tmp_path}", "train.compile=reduce-overhead"])
-    with pytest.raises(TrainingError, match="train.compile='reduce-overhead'"):
-        run(cfg, "stage1")
+    with pytest.raises(ConfigError, match="train.compile='reduce-overhead': expected one of none, default"):
+        load_config("conf/demo.yaml", [f"run_dir={tmp_path}", "train.compile=reduce-overhead"])
 
 
 # -- the MLLM paths ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ import shlex
 import pytest
 import yaml
 
-from pipelines.__main__ import STAGES
+from pipelines.registry import STAGES
 from pipelines.config import load_config
 
 MANIFESTS = sorted(glob.glob("infra/k8s/*.yaml"))

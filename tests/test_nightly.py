@@ -35,7 +35,7 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
     monkeypatch.setattr(rank, "publish", crash)
     with pytest.raises(RuntimeError, match="killed"):
         nightly.run(cfg)
-    state = nightly._load_state(cfg)
+    state = nightly.load_state(cfg)
     assert state["status"] == "running" and state["done"] == ["ingest", "caption", "embed", "index"]
     assert not (tmp_path / "lake" / "rankings.lance").exists()  # no partial partition, no partial table
     monkeypatch.undo()
@@ -45,7 +45,7 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
     resumed = nightly.run(cfg)
     out = capsys.readouterr().out
     assert resumed["run_id"] == state["run_id"] and f"resuming run {state['run_id']} at stage rank" in out
-    assert "[ingest]" not in out and "vectors computed 0, reused 4" in out  # the crashed run's vectors were kept
+    assert "[ingest]" not in out and "computed 0, reused 4" in out  # the crashed run's vectors were kept
     first = _rankings(cfg, state["run_id"])
     assert first.num_rows == 4 * 5
 
@@ -55,7 +55,7 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
     assert second["run_id"] != state["run_id"]
     assert "[caption] read 12, written 0, skipped as unchanged 12" in out
     assert "[embed] read 12, written 0, skipped as unchanged 12" in out
-    assert "vectors computed 0, reused 4" in out
+    assert "computed 0, reused 4" in out
     assert _rankings(cfg, second["run_id"]).equals(first)
 
     # 4. Two images added: only they are captioned and embedded; the rankings are refreshed.
@@ -72,7 +72,7 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
     assert "[embed] read 14, written 2, skipped as unchanged 12" in out
     refreshed = _rankings(cfg, third["run_id"])
     assert refreshed.num_rows == 4 * 5
-    assert nightly._load_state(cfg)["status"] == "finished"
+    assert nightly.load_state(cfg)["status"] == "finished"
 
     # 5. The same catalogue in CIRR's layout (written by synth) evaluates the run's Parquet
     # rankings (what `benchmark` does for each mode; `make demo` runs the command itself).

@@ -4,10 +4,11 @@ import pyarrow as pa
 import pytest
 
 from ops.caption import CaptionOp
-from ops.embed import EmbeddingSizeError, EmbedOp, uses_short_caption, vectors_to_arrow
+from ops.base import vectors_to_arrow
+from ops.embed import EmbeddingSizeError, EmbedOp, uses_short_caption
 from ops.images import ImageLimits, ImageRejected, probe_image
 from ops.ingest import IngestOp
-from pipelines.config import load_config
+from pipelines.config import load_config, plain
 from pipelines.synthetic import make_catalogue
 from tests.badfiles import write_bad_files
 
@@ -42,7 +43,7 @@ def test_ingest_op_hashes_good_rows_and_rejects_bad_ones(catalogue):
         "uri": good["uri"] + [bad["notes.txt"], "/nonexistent/x.png", good["uri"][0], good["uri"][1], bad["huge.png"]],
         "caption": good["caption"] + [None] * 5,
     }
-    out = IngestOp(LIMITS, None, duplicate_ids=frozenset({"dup"}))(batch).to_pylist()
+    out = IngestOp({"images": LIMITS}, None, duplicate_ids=frozenset({"dup"}))(pa.table(batch)).to_pylist()
     assert [r["reject_reason"] for r in out[:2]] == [None, None]
     assert all(len(r["sha256"]) == 64 and r["width"] == 64 for r in out[:2])
     assert out[0]["source_caption"] == good["caption"][0]
@@ -53,13 +54,12 @@ def test_ingest_op_hashes_good_rows_and_rejects_bad_ones(catalogue):
 
 def test_caption_op_uses_manifest_caption_as_short_caption(catalogue, tiny_models):
     cfg = load_config("conf/demo.yaml", [f"models.captioner.name_or_path={tiny_models['mllm']}"])
-    from pipelines.common import plain
-
-    op = CaptionOp(plain(cfg.models.captioner), plain(cfg.caption), None)
-    ingested = IngestOp(LIMITS, None)(catalogue["manifest"].slice(0, 3).to_pydict()).to_pydict()
+    op = CaptionOp(plain(cfg), None)
+    ingested = IngestOp({"images": LIMITS}, None)(catalogue["manifest"].slice(0, 3)).to_pydict()
     ingested["source_caption"][1] = None
     ingested["uri"][2] = "/nonexistent.png"
-    out = op(ingested).to_pylist()
+    out = op(pa.table(ingested)).to_pylist()
+    out = sorted(out, key=lambda r: r["image_id"])
     assert out[0]["caption_short"] == ingested["source_caption"][0] and out[0]["caption_short_source"] == "manifest"
     assert out[1]["caption_short_source"] == "model" and isinstance(out[1]["caption_long"], str)
     assert out[2]["reject_reason"].startswith("cannot read") and out[2]["caption_long"] is None
@@ -67,13 +67,11 @@ def test_caption_op_uses_manifest_caption_as_short_caption(catalogue, tiny_model
 
 def test_embed_op_writes_two_unit_vectors_per_image_and_rejects(catalogue, tiny_models):
     cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}"])
-    from pipelines.common import plain
-
-    op = EmbedOp(plain(cfg.models.embedder), None)
-    ingested = IngestOp(LIMITS, None)(catalogue["manifest"].slice(0, 3).to_pydict()).to_pydict()
+    op = EmbedOp(plain(cfg), None)
+    ingested = IngestOp({"images": LIMITS}, None)(catalogue["manifest"].slice(0, 3)).to_pydict()
     ingested["sha256"][2] = "0" * 64  # the file changed since ingest
     batch = {**ingested, "pair_text": ["a red thing", "a blue thing", "x"], "pair_caption_kind": ["long", "short", "long"]}
-    out = op(batch)
+    out = op(pa.table(batch))
     assert out.schema.field("vector").type == pa.list_(pa.float32(), cfg.models.embedder.dim)
     rows = out.to_pylist()
     good = [r for r in rows if r["reject_reason"] is None]
@@ -87,10 +85,8 @@ def test_embed_op_writes_two_unit_vectors_per_image_and_rejects(catalogue, tiny_
 
 def test_embed_op_refuses_a_wrong_dimension(tiny_models):
     cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}", "models.embedder.dim=1536"])
-    from pipelines.common import plain
-
     with pytest.raises(EmbeddingSizeError, match="size 64.*dim is 1536"):
-        EmbedOp(plain(cfg.models.embedder), None)
+        EmbedOp(plain(cfg), None)
     with pytest.raises(EmbeddingSizeError, match="size 8"):
         vectors_to_arrow(np.zeros((2, 4)), 8)
 

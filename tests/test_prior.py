@@ -5,8 +5,8 @@ import torch
 from model.checkpoints import CheckpointMismatch, load_adapter, load_prior
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior
-from pipelines.common import plain
-from pipelines.config import load_config
+
+from pipelines.config import load_config, plain
 
 D, COND = 32, 16
 SIZES = dict(d_vl=D, cond_dim=COND, map_channels=4, map_size=8, patch_size=2, hidden_size=32, num_heads=4,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ops.search import RunningTopK
-from tests.conftest import tiny_config
+from tests.conftest import run_stage, tiny_config
 
 
 def _unit(rng, n, d):
@@ -66,18 +66,16 @@ def _gallery_lake(tmp_path, tiny_models, n, d, rng, *extra):
 
 
 def test_ann_index_recall_at_10_against_exact(tmp_path, tiny_models):
-    from pipelines import index
-    from pipelines.common import plain
+    from ops.rank import GallerySearch
+    from pipelines.config import plain
     from pipelines.lake import Lake
-    from pipelines.rank import GallerySearch
 
-    cfg, batch = _gallery_lake(tmp_path, tiny_models, 4000, 64, np.random.default_rng(1), "index.min_rows=1000")
-    assert "IVF_PQ index built" in index.run(cfg).line()
+    cfg, batch = _gallery_lake(tmp_path, tiny_models, 4000, 64, np.random.default_rng(1), "index.min_rows=1000",
+                               "rank.mode=query_only", "rank.top_k=10", "rank.gallery_block=512")
+    assert "IVF_PQ index built" in run_stage(cfg, "index").line()
     lake = Lake.from_conf(cfg)
-    args = dict(lake=lake, mode="query_only", top_k=10, block=512, exclude_reference=True, index=plain(cfg.index),
-                dim=64)
-    exact = GallerySearch(search="exact", **args)(batch)
-    ann = GallerySearch(search="ann", **args)(batch)
+    exact = GallerySearch(plain(cfg), lake, "exact")(batch)
+    ann = GallerySearch(plain(cfg), lake, "ann")(batch)
     hits = 0
     for qid in batch.column("query_id").to_pylist():
         e = set(np.array(exact.column("image_id"))[np.array(exact.column("query_id")) == qid])
@@ -91,19 +89,19 @@ def test_ann_index_recall_at_10_against_exact(tmp_path, tiny_models):
     for t in (exact, ann):
         assert not any(refs[q] == i for q, i in zip(t.column("query_id").to_pylist(), t.column("image_id").to_pylist()))
     # A second `index` run folds new rows into the existing index instead of rebuilding it.
-    assert "index refreshed" in index.run(cfg).line()
+    assert "index refreshed" in run_stage(cfg, "index").line()
 
 
 @pytest.mark.parametrize("mode", ["full", "query_only", "prior_only", "joint", "text"])
 def test_each_run_mode_gives_unit_query_vectors(tmp_path_factory, tiny_models, mode, checkpoints):
     from ops.rank import QueryOp
-    from pipelines.common import plain
+    from pipelines.config import plain
     from pipelines.synthetic import draw, random_item
     import random
 
     cfg = tiny_config(tmp_path_factory.mktemp("mode"), tiny_models, f"rank.mode={mode}")
-    op = QueryOp(plain(cfg.models), plain(cfg.rank), plain(cfg.diffusion), plain(cfg.sampling), checkpoints[0],
-                 checkpoints[1], {"d_vl": 64, "cond_dim": 64}, None, 0, pa.schema([]))
+    op = QueryOp(plain(cfg), None, {"prior": checkpoints[0], "adapter": checkpoints[1],
+                                    "expected_prior": {"d_vl": 64, "cond_dim": 64}}, pa.schema([]))
     rng = random.Random(0)
     images = [draw(random_item(rng), 64, rng) for _ in range(3)]
     rows = [{"query_id": f"q{i}", "query_key": "0" * 64, "modification_text": t, "shared_concept": c}
@@ -123,8 +121,7 @@ def test_each_run_mode_gives_unit_query_vectors(tmp_path_factory, tiny_models, m
 def checkpoints(tmp_path_factory):
     """An untrained tiny prior and adapter (the rank stage's inputs; training is tested elsewhere)."""
     from model.prior import ControlAdapter, FusionDiffPrior
-    from pipelines.common import plain
-    from pipelines.config import load_config
+    from pipelines.config import load_config, plain
 
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
@@ -141,7 +138,6 @@ def checkpoints(tmp_path_factory):
 def s3_lake(tmp_path_factory, tiny_models, ray_local, s3_server, checkpoints):
     """The demo catalogue ingested, captioned and embedded into an s3:// lake, plus two bad queries."""
     from ops.storage import copy_dir
-    from pipelines import caption, embed, ingest
     from pipelines.synthetic import synth
 
     run_dir = tmp_path_factory.mktemp("ranklake")
@@ -151,8 +147,8 @@ def s3_lake(tmp_path_factory, tiny_models, ray_local, s3_server, checkpoints):
              f"catalogue.queries={run_dir}/queries.parquet", "synthetic.num_images=24", "synthetic.num_queries=6"]
     cfg = tiny_config(run_dir, tiny_models, *extra)
     synth(cfg)
-    for stage in (ingest, caption, embed):
-        stage.run(cfg)
+    for stage in ("ingest", "caption", "embed"):
+        run_stage(cfg, stage)
     copy_dir(checkpoints[0], cfg.train_stage1.output, dict(cfg.storage.s3))
     copy_dir(checkpoints[1], cfg.train_stage2.output, dict(cfg.storage.s3))
     queries = pq.read_table(f"{run_dir}/catalogue/queries.parquet").to_pylist()
@@ -169,14 +165,13 @@ def s3_lake(tmp_path_factory, tiny_models, ray_local, s3_server, checkpoints):
 
 
 def test_rank_on_s3_is_idempotent_and_records_rejects(s3_lake, tiny_models):
-    from pipelines import rank
     from pipelines.lake import Lake
     from ops.storage import filesystem
 
     run_dir, extra = s3_lake
     cfg = tiny_config(run_dir, tiny_models, *extra, "rank.run_id=r1", "rank.top_k=5")
-    s = rank.run(cfg)
-    assert (s.read, s.computed, s.reused, s.rejected, s.ranked, s.rows) == (8, 6, 0, 2, 6, 30)
+    s = run_stage(cfg, "rank")
+    assert (s.read, s.computed, s.reused, s.rejected, s.written, s.rows) == (8, 6, 0, 2, 6, 30)
     lake = Lake.from_conf(cfg)
     rejects = {r["key"]: r["reason"] for r in lake.open("rejects").to_table(filter="stage = 'rank'").to_pylist()}
     assert "not in the images table" in rejects["bad_missing"] and "corrupt image" in rejects["bad_corrupt"]
@@ -189,7 +184,7 @@ def test_rank_on_s3_is_idempotent_and_records_rejects(s3_lake, tiny_models):
     files = [i.path for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.path.endswith(".parquet")]
     assert len(files) == 1 and files[0].endswith("/r1.parquet") and "/run_date=" in files[0]
     # The same run_id again: the cached vectors are reused, its rows replaced, never duplicated.
-    again = rank.run(cfg)
+    again = run_stage(cfg, "rank")
     assert (again.computed, again.reused, again.rows) == (0, 6, 30)
     second = lake.open("rankings").to_table(filter="run_id = 'r1'").sort_by([("query_id", "ascending"), ("rank", "ascending")])
     assert second.select(["query_id", "rank", "image_id", "score"]).equals(first.select(["query_id", "rank", "image_id", "score"]))
@@ -200,31 +195,25 @@ def test_rank_on_s3_is_idempotent_and_records_rejects(s3_lake, tiny_models):
 
 def test_rank_refusals(s3_lake, tiny_models, tmp_path):
     from ops.rank import RankError
-    from pipelines import rank
     from pipelines.lake import TableError
 
     run_dir, extra = s3_lake
     with pytest.raises(TableError, match="gallery's vectors have size 64 but models.embedder.dim is 32"):
-        rank.run(tiny_config(run_dir, tiny_models, *extra, "models.embedder.dim=32"))
+        run_stage(tiny_config(run_dir, tiny_models, *extra, "models.embedder.dim=32"), "rank")
     pq.write_table(pa.table({"query_id": pa.array([], pa.string()), "modification_text": pa.array([], pa.string()),
                              "reference_id": pa.array([], pa.string())}), f"{tmp_path}/empty.parquet")
     with pytest.raises(RankError, match="queries table .*empty.parquet is empty"):
-        rank.run(tiny_config(run_dir, tiny_models, *extra, f"catalogue.queries={tmp_path}/empty.parquet",
-                             "rank.run_id=empty"))
+        run_stage(tiny_config(run_dir, tiny_models, *extra, f"catalogue.queries={tmp_path}/empty.parquet",
+                              "rank.run_id=empty"), "rank")
     with pytest.raises(RankError, match="the gallery is empty"):
-        rank.run(tiny_config(tmp_path, tiny_models))
+        run_stage(tiny_config(tmp_path, tiny_models), "rank")
 
 
 @pytest.fixture(scope="session")
 def chromium():
-    """Debian's chromium, installed here when the machine lacks it."""
+    """Debian's chromium (`make test` installs it; a test installs no system package)."""
     exe = shutil.which("chromium")
-    if exe is None:
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], check=True,
-                       capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        exe = shutil.which("chromium")
-    assert exe, "chromium could not be installed"
+    assert exe, "chromium is missing: `make test` installs it (make browser)"
     return exe
 
 
@@ -232,11 +221,14 @@ def test_results_page_shows_the_images_in_chromium(s3_lake, tiny_models, tmp_pat
     from PIL import Image
 
     from pipelines import report
+    from pipelines.context import RunContext
 
     run_dir, extra = s3_lake
     cfg = tiny_config(run_dir, tiny_models, *extra, f"report.dir={tmp_path}/report")
     queries = pq.read_table(f"{run_dir}/queries.parquet")
-    page = report.write(cfg, "r1", ["[rank] run r1: read 8 queries"], queries)
+    ctx = RunContext.create(cfg, "r1")
+    ctx.lines.append("[rank] run r1: read 8 queries")
+    page = report.write(ctx, queries)
     html = open(page).read()
     assert html.count("<img") >= 6 * 6 and "bad_missing" in html and "[rank] run r1" in html
     shot = f"{tmp_path}/shot.png"

@@ -3,9 +3,8 @@ import lance
 import pyarrow.parquet as pq
 
 from ops.storage import filesystem, lance_storage_options
-from pipelines import caption, embed, ingest
 from pipelines.synthetic import make_catalogue
-from tests.conftest import tiny_config as make_config
+from tests.conftest import run_stage, tiny_config as make_config
 
 
 def test_stages_round_trip_through_s3(tmp_path, tiny_models, ray_local, s3_server):
@@ -17,7 +16,7 @@ def test_stages_round_trip_through_s3(tmp_path, tiny_models, ray_local, s3_serve
                       "storage.root=s3://lake/tables", f"storage.s3.endpoint={s3['endpoint']}",
                       "storage.s3.access_key_id=testing", "storage.s3.secret_access_key=testing",
                       "storage.s3.allow_http=true", f"catalogue.manifest={uris['manifest']}")
-    summaries = [stage.run(cfg) for stage in (ingest, caption, embed)]
+    summaries = [run_stage(cfg, s) for s in ("ingest", "caption", "embed")]
     assert [s.written for s in summaries] == [6, 6, 6]
     opts = lance_storage_options(dict(cfg.storage.s3))
     emb = lance.dataset("s3://lake/tables/embeddings.lance", storage_options=opts).to_table()
@@ -28,5 +27,5 @@ def test_stages_round_trip_through_s3(tmp_path, tiny_models, ray_local, s3_serve
     fs, staging = filesystem("s3://lake/tables/_staging", s3)
     assert all(info.type.name == "NotFound" or info.size == 0
                for info in fs.get_file_info([f"{staging}/{s}.lance/_versions" for s in ("ingest", "caption", "embed")]))
-    again = [stage.run(cfg) for stage in (ingest, caption, embed)]
+    again = [run_stage(cfg, s) for s in ("ingest", "caption", "embed")]
     assert [s.written for s in again] == [0, 0, 0] and [s.skipped for s in again] == [6, 6, 6]

@@ -7,16 +7,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import caption, embed, ingest
 from ops.embed import EmbeddingSizeError
-from pipelines.ingest import ManifestError
+from pipelines.common import ManifestError
 from pipelines.synthetic import Item, draw, make_catalogue, png
 from tests.badfiles import write_bad_files
-from tests.conftest import tiny_config as make_config
+from tests.conftest import run_stage, tiny_config as make_config
 
 
 def run_all(cfg):
-    return [stage.run(cfg) for stage in (ingest, caption, embed)]
+    return [run_stage(cfg, stage) for stage in ("ingest", "caption", "embed")]
 
 
 def rows(cfg, table, **kw):
@@ -106,7 +105,7 @@ def test_csv_manifest_keeps_ids_as_strings(lake, tmp_path, tiny_models):
     t = pa.table({"image_id": ["007", "008", "009"], "uri": [r["uri"] for r in src]})
     pacsv.write_csv(t, tmp_path / "m.csv")
     cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/m.csv")
-    s = ingest.run(cfg)
+    s = run_stage(cfg, "ingest")
     assert s.written == 3 and sorted(rows(cfg, "images")["image_id"].to_pylist()) == ["007", "008", "009"]
 
 
@@ -114,17 +113,17 @@ def test_manifest_without_a_required_column_is_refused_by_name(tmp_path, tiny_mo
     pq.write_table(pa.table({"image_id": ["a"], "path": ["/x.png"]}), tmp_path / "m.parquet")
     cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/m.parquet")
     with pytest.raises(ManifestError, match="no column 'uri'"):
-        ingest.run(cfg)
+        run_stage(cfg, "ingest")
     cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/none.parquet")
     with pytest.raises(ManifestError, match="does not exist"):
-        ingest.run(cfg)
+        run_stage(cfg, "ingest")
 
 
 def test_embeddings_of_another_size_are_refused_before_work(lake, tiny_models):
     cfg = make_config(lake["root"], tiny_models, f"catalogue.manifest={lake['root']}/manifest.parquet",
                       "models.embedder.dim=1536")
     with pytest.raises(EmbeddingSizeError, match="size 64.*dim is 1536"):
-        embed.run(cfg)
+        run_stage(cfg, "embed")
 
 
 def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
@@ -134,7 +133,7 @@ def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
     target = lake["manifest"][1]
     with open(target["uri"], "wb") as f:
         f.write(png(draw(Item("triangle", "purple", "small", "right", "grey"), 64, random.Random(4))))
-    assert ingest.run(cfg).written == 1
+    assert run_stage(cfg, "ingest").written == 1
     before = rows(cfg, "captions").to_pylist()
 
     def killed(*a, **k):
@@ -144,23 +143,23 @@ def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
 
     monkeypatch.setattr(pipelines.lake, "commit", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        caption.run(cfg)
+        run_stage(cfg, "caption")
     assert rows(cfg, "captions").to_pylist() == before
     monkeypatch.undo()
-    again = caption.run(cfg)
+    again = run_stage(cfg, "caption")
     assert (again.written, again.rejected) == (1, 0)
     ids = rows(cfg, "captions")["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == rows(cfg, "images").num_rows
-    assert embed.run(cfg).written == 1
+    assert run_stage(cfg, "embed").written == 1
     keys = [(r["image_id"], r["kind"]) for r in rows(cfg, "embeddings", columns=["image_id", "kind"]).to_pylist()]
     assert len(keys) == len(set(keys)) == 2 * len(ids)
 
 
 def test_duplicate_ids_counted_locally_and_by_the_shuffle_agree(ray_local):
-    from pipelines.ingest import duplicate_ids
+    from pipelines.common import duplicate_ids
 
     ids = ["a", "b", "a", "c", "", "", "d", "c", "c"]
     ds = ray_local.data.from_items([{"image_id": i} for i in ids])
-    local = duplicate_ids(ds, 2, len(ids), local_max_rows=100)
-    shuffled = duplicate_ids(ds, 2, len(ids), local_max_rows=0)
+    local = duplicate_ids(ds, "image_id", 2, len(ids), local_max_rows=100)
+    shuffled = duplicate_ids(ds, "image_id", 2, len(ids), local_max_rows=0)
     assert local == shuffled == frozenset({"a", "c"})  # empty ids are rejected on their own

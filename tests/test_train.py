@@ -16,7 +16,7 @@ import torch
 
 from model.checkpoints import CheckpointMismatch
 from model.prior import ControlAdapter, FusionDiffPrior
-from tests.conftest import tiny_config
+from tests.conftest import run_stage, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,15 +33,21 @@ def _mean(rows, key="loss"):
 @pytest.fixture(scope="module")
 def lake_dir(tmp_path_factory, tiny_models, ray_local):
     """A run folder whose lake holds the demo's images, captions, embeddings and triplet embeddings."""
-    from pipelines import caption, embed, ingest, triplets
     from pipelines.synthetic import synth
 
     run_dir = tmp_path_factory.mktemp("trainlake")
     cfg = tiny_config(run_dir, tiny_models)
     synth(cfg)
-    for stage in (ingest, caption, embed, triplets):
-        stage.run(cfg)
+    for stage in ("ingest", "caption", "embed", "triplets"):
+        run_stage(cfg, stage)
     return run_dir
+
+
+def train(cfg, stage: str, **faults):
+    """Training `stage` as the CLI runs it; `faults`: the drills' fail_at_step / nan_at_step."""
+    from pipelines.context import RunContext
+
+    return run(RunContext.create(cfg), stage, faults=faults)
 
 
 def _cfg(lake_dir, tiny_models, *extra):
@@ -54,17 +60,15 @@ STAGE1_ONE = ("train_stage1.run_name=one", "train_stage1.epochs=15")
 @pytest.fixture(scope="module")
 def stage1_one(lake_dir, tiny_models):
     """The demo's Stage 1 on one worker (45 steps); its prior is Stage 2's in the tests below."""
-    from pipelines.train import run
 
     cfg = _cfg(lake_dir, tiny_models, *STAGE1_ONE, f"train_stage1.output={lake_dir}/out/one")
-    return cfg, run(cfg, "stage1")
+    return cfg, train(cfg, "stage1")
 
 
 def test_stage1_one_worker_learns_exports_and_rerun_resumes(stage1_one):
-    from pipelines.train import run
 
     cfg, s = stage1_one
-    assert (s.rows, s.resumed_from, s.step, s.total, s.restarts) == (48, 0, 45, 45, 0)
+    assert (s.read, s.resumed_from, s.step, s.total, s.restarts) == (48, 0, 45, 45, 0)
     rows = _metrics(cfg.train_stage1.output)
     assert [r["step"] for r in rows] == list(range(1, 46))
     assert _mean(rows[-10:]) < 0.75 * _mean(rows[:10])  # the loss goes down on the synthetic catalogue
@@ -74,21 +78,20 @@ def test_stage1_one_worker_learns_exports_and_rerun_resumes(stage1_one):
     prior = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
     assert prior.config.d_vl == cfg.models.embedder.dim and prior.config.hidden_size == cfg.prior.hidden_size
 
-    again = run(cfg, "stage1")  # same run name: resumes at its end, trains nothing
+    again = train(cfg, "stage1")  # same run name: resumes at its end, trains nothing
     assert (again.resumed_from, again.step) == (45, 45)
     same = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
     assert all(torch.equal(a, b) for a, b in zip(prior.state_dict().values(), same.state_dict().values()))
 
 
 def test_stage1_two_workers_resume_after_an_injected_failure(lake_dir, tiny_models):
-    from pipelines.train import run
 
     # Micro-batches of 3 of each worker's 8 rows: gradient accumulation under DDP (no_sync).
     cfg = _cfg(lake_dir, tiny_models, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.checkpoint_every=5",
-               "train.fail_at_step=7", "train_stage1.max_steps=12", "train_stage1.run_name=faulty",
+               "train_stage1.max_steps=12", "train_stage1.run_name=faulty",
                "train.micro_batch_size=3",
                f"train_stage1.output={lake_dir}/out/faulty")
-    s = run(cfg, "stage1")
+    s = train(cfg, "stage1", fail_at_step=7)
     assert (s.step, s.total, s.restarts) == (12, 12, 1)
     assert os.path.exists(os.path.join(lake_dir, ".injected_failure_stage1_faulty"))
     with open(os.path.join(cfg.train_stage1.output, "metrics.jsonl")) as f:
@@ -98,13 +101,12 @@ def test_stage1_two_workers_resume_after_an_injected_failure(lake_dir, tiny_mode
 
 
 def test_stage2_two_workers_learns_and_both_checkpoints_load(lake_dir, tiny_models, stage1_one):
-    from pipelines.train import run
 
     cfg = _cfg(lake_dir, tiny_models, "train.num_workers=2", "train.cpus_per_worker=0.5",
                f"train_stage1.output={lake_dir}/out/one", f"train_stage2.output={lake_dir}/out/s2",
                "train_stage2.run_name=s2two")
-    s = run(cfg, "stage2")
-    assert (s.rows, s.step) == (32, 60)
+    s = train(cfg, "stage2")
+    assert (s.read, s.step) == (32, 60)
     assert len(_metrics(cfg.train_stage2.output)) == 60
     prior = FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
     adapter = ControlAdapter.from_pretrained(cfg.train_stage2.output)
@@ -120,7 +122,7 @@ def _stage2_loss(cfg, prior, adapter) -> float:
 
     from model.diffusion import DiffusionConfig, diffusion_loss
     from model.text_encoder import load_text_encoder_from_conf
-    from pipelines.common import plain
+    from pipelines.config import plain
 
     rows = lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table().to_pylist()
     c, m = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder)).encode(
@@ -133,26 +135,24 @@ def _stage2_loss(cfg, prior, adapter) -> float:
 
 
 def test_one_worker_with_precomputed_conditions(lake_dir, tiny_models):
-    from pipelines import conditions, triplets
-    from pipelines.train import run
 
     cfg = _cfg(lake_dir, tiny_models, "train.text_conditions=precomputed", "train_stage1.run_name=pre1",
                "train_stage1.max_steps=4", f"train_stage1.output={lake_dir}/out/pre1")
-    assert conditions.run(cfg).written == 48
-    assert triplets.run(cfg).written == 32  # the text encoder joined the key: every triplet is redone once
+    assert run_stage(cfg, "conditions").written == 48
+    assert run_stage(cfg, "triplets").written == 32  # the text encoder joined the key: every triplet is redone once
     cond = lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table(columns=["cond_len", "cond_tokens"])
     assert all(len(t) == n * 64 for t, n in zip(cond.column("cond_tokens").to_pylist(), cond.column("cond_len").to_pylist()))
-    assert run(cfg, "stage1").step == 4
+    assert train(cfg, "stage1").step == 4
     FusionDiffPrior.from_pretrained(cfg.train_stage1.output)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lake_dir, tiny_models):
-    from pipelines.train import TrainingError, _newest_checkpoint, run
+    from pipelines.train import TrainingError, _newest_checkpoint
 
-    cfg = _cfg(lake_dir, tiny_models, "train.checkpoint_every=5", "train.nan_at_step=7",
+    cfg = _cfg(lake_dir, tiny_models, "train.checkpoint_every=5",
                "train_stage1.max_steps=20", "train_stage1.run_name=nan", f"train_stage1.output={lake_dir}/out/nan")
     with pytest.raises(TrainingError, match=r"stopped at step 7: the loss was nan"):
-        run(cfg, "stage1")
+        train(cfg, "stage1", nan_at_step=7)
     newest = _newest_checkpoint(cfg.train.storage, "nan", {})
     with open(os.path.join(newest, "train_state.json")) as f:
         assert json.load(f)["step"] == 5
@@ -161,22 +161,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lake_dir, tiny_models
 
 
 def test_refusals_before_any_worker_starts(tmp_path, lake_dir, tiny_models):
-    from pipelines.train import TrainingError, run
+    from pipelines.train import TrainingError
 
     empty = tiny_config(tmp_path, tiny_models)
     with pytest.raises(TrainingError, match="no training rows in .*embeddings.lance where kind = 'pair': run `embed`"):
-        run(empty, "stage1")
+        train(empty, "stage1")
     with pytest.raises(TrainingError, match="fewer than one batch"):
-        run(_cfg(lake_dir, tiny_models, "train_stage1.batch_size=64"), "stage1")
+        train(_cfg(lake_dir, tiny_models, "train_stage1.batch_size=64"), "stage1")
     # A Stage 1 checkpoint of another size under Stage 2; a run folder of another size.
     cfg = _cfg(lake_dir, tiny_models, f"train_stage2.prior={tmp_path}/small", "train_stage1.run_name=small")
     small = FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=64, **{**cfg.prior, "hidden_size": 32})
     small.save_pretrained(f"{tmp_path}/small")
     small.save_pretrained(f"{cfg.train.storage}/small/checkpoint_2026-01-01_00-00-00.000000/model")
     with pytest.raises(CheckpointMismatch, match="hidden_size: expected 64, found 32"):
-        run(cfg, "stage2")
+        train(cfg, "stage2")
     with pytest.raises(CheckpointMismatch, match="run 'small' .*hidden_size: config 64, checkpoint 32"):
-        run(cfg, "stage1")
+        train(cfg, "stage1")
 
 
 def _free_port() -> int:
@@ -221,7 +221,7 @@ def test_ray_job_submit_runs_stage1(tmp_path, lake_dir, tiny_models):
              "train_stage1.run_name=submitted", "train_stage1.max_steps=4", f"train_stage1.output={out}"],
             env=env, capture_output=True, text=True, timeout=400)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "[train_stage1] read 48 rows, trained steps 0-4 of 4" in job.stdout
+        assert "[train_stage1] read 48, written 4, skipped as unchanged 0, rejected 0, resumed from 0, step 4" in job.stdout
         FusionDiffPrior.from_pretrained(out)
         assert os.path.isdir(os.path.join(cfg_storage(lake_dir), "submitted"))
     finally:

@@ -1,22 +1,31 @@
-"""Helpers the three data stages share: reading tables and skipping unchanged rows."""
+"""What per-batch functions need of the lake, as an interface: keyed lookups and scans.
+
+Ops never open tables themselves: they are handed a `TableReader` (pipelines/lake.py
+`Lake` is the one implementation, Lance on a local disk or S3), which also carries the
+store's credentials (`s3`) for reading images. One object, picklable, the same shape
+for every Ray function.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
-import ray
-
-from pipelines.lake import Lake, lookup, open_dataset
 
 
-def read_table(lake: Lake, table: str, columns: Sequence[str] | None = None,
-               filter: str | None = None) -> ray.data.Dataset:
-    return ray.data.read_lance(lake.uri(table), columns=list(columns) if columns else None, filter=filter,
-                               storage_options=lake.storage_options)
+class TableReader(Protocol):
+    s3: dict
+
+    def lookup(self, table: str, ids: Sequence[str], columns: Sequence[str], key: str = "image_id",
+               where: str | None = None) -> dict[str, dict]:
+        """Rows of `table` whose `key` is in `ids`, as key -> row (a missing table: {})."""
+
+    def scan(self, table: str, columns: Sequence[str], filter: str | None = None,
+             batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        """`table`'s rows in batches of at most `batch_size` (a missing table: none)."""
 
 
-def keep_changed(batch: pa.Table, table_uri: str, storage_options: dict, compare: dict[str, str],
+def keep_changed(batch: pa.Table, tables: TableReader, table: str, compare: dict[str, str],
                  constants: dict[str, str] | None = None, where: str | None = None,
                  key: str = "image_id") -> pa.Table:
     """Rows of `batch` that `table` lacks or holds with other values; rows to reject always pass.
@@ -26,8 +35,7 @@ def keep_changed(batch: pa.Table, table_uri: str, storage_options: dict, compare
     so nothing of the table is collected anywhere.
     """
     ids = batch.column(key).to_pylist()
-    existing = lookup(open_dataset(table_uri, storage_options), [i for i in ids if i],
-                      list(compare) + list(constants or {}), key=key, where=where)
+    existing = tables.lookup(table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where)
     batch_cols = {c: batch.column(c).to_pylist() for c in compare.values()}
     rejects = batch.column("reject_reason").to_pylist() if "reject_reason" in batch.schema.names else [None] * len(ids)
     keep = []
@@ -37,10 +45,3 @@ def keep_changed(batch: pa.Table, table_uri: str, storage_options: dict, compare
             and all(row[t] == v for t, v in (constants or {}).items())
         keep.append(rejects[n] is not None or not same)
     return batch.filter(pa.array(np.array(keep, dtype=bool)))
-
-
-def any_rows(ds: ray.data.Dataset) -> bool:
-    """Whether the (filtered) dataset yields a row, found by streaming until the first one:
-    on an unchanged catalogue a stage then starts no model actor at all (the keyed
-    lookups run, the models do not), and with changes the probe stops early."""
-    return ds.limit(1).count() > 0
