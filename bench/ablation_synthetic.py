@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from model.checkpoints import load_prior
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior
-from model.training import OptimConfig, make_optimizer, make_scheduler, train_step
+from model.training import OptimConfig, accumulate_gradients, apply_step, make_optimizer, make_scheduler
 from pipelines.config import BASE, BENCH_SCHEMA, load_config
 
 CONFIGS = ["conf/demo.yaml", "conf/bench/ablation.yaml"]
@@ -116,14 +116,17 @@ def train(prior, adapter, world, diffusion, optim: OptimConfig, steps: int, batc
     noise_sched = ddpm_scheduler(diffusion)
     t0 = time.time()
     for step in range(steps):
+        # The worker's step (pipelines/train.py): accumulate_gradients, then apply_step.
         if adapter is None:
             z0, c, m = world.pairs(batch, g)
-            loss = diffusion_loss(prior, diffusion, z0, c, m, generator=g, scheduler=noise_sched)
+            loss = accumulate_gradients(lambda rows: diffusion_loss(
+                prior, diffusion, z0, c, m, generator=g, scheduler=noise_sched), batch, 0)
         else:
             zq, c, m, tgt, _ = world.queries(batch, g, held_out=False)
-            loss = diffusion_loss(prior, diffusion, world.gallery[tgt], c, m, adapter=adapter, z_query=zq,
-                                  generator=g, scheduler=noise_sched)
-        train_step(loss, opt, sched, params, optim.grad_clip)
+            loss = accumulate_gradients(lambda rows: diffusion_loss(
+                prior, diffusion, world.gallery[tgt], c, m, adapter=adapter, z_query=zq, generator=g,
+                scheduler=noise_sched), batch, 0)
+        apply_step(opt, sched, params, optim.grad_clip)
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log(f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
 

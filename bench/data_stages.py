@@ -26,29 +26,30 @@ CONFIGS = ["conf/demo.yaml", "conf/bench/data.yaml"]
 
 
 def plain_loop(n: int) -> dict:
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     from ops.caption import CaptionOp
     from ops.embed import EmbedOp
     from ops.ingest import IngestOp
-    from pipelines.common import plain, prepare_models
-    from pipelines.config import load_config
-    from pipelines.synthetic import make_catalogue
+    from pipelines.config import load_config, plain
+    from pipelines.synthetic import build_demo_models, make_catalogue
 
     torch.set_num_threads(1)  # as a Ray actor with num_cpus=1 runs
     cfg = load_config(CONFIGS, ["run_dir=runs/bench/loop", f"synthetic.num_images={n}"])
-    prepare_models(cfg)
+    build_demo_models(cfg)
     uris = make_catalogue(cfg.synthetic.out_dir, n, cfg.synthetic.image_size, 0, 1, cfg.seed)
-    manifest = pq.read_table(uris["manifest"]).to_pydict()
-    images = IngestOp(plain(cfg.images), None)(manifest).to_pydict()
-    images["pair_text"], images["pair_caption_kind"] = images["source_caption"], ["short"] * n
+    conf = plain(cfg)
+    images = IngestOp(conf, None)(pq.read_table(uris["manifest"]))
+    images = images.append_column("pair_text", images.column("source_caption")).append_column(
+        "pair_caption_kind", pa.array(["short"] * n))
     out = {}
-    for name, op, bs in (("caption", CaptionOp(plain(cfg.models.captioner), plain(cfg.caption), None), cfg.caption.batch_size),
-                         ("embed", EmbedOp(plain(cfg.models.embedder), None), cfg.embed.batch_size)):
+    for name, op, bs in (("caption", CaptionOp(conf, None), cfg.caption.batch_size),
+                         ("embed", EmbedOp(conf, None), cfg.embed.batch_size)):
         t = time.perf_counter()
         for i in range(0, n, bs):
-            op({k: v[i:i + bs] for k, v in images.items()})
+            op(images.slice(i, bs))
         out[name] = n / (time.perf_counter() - t)
     return out
 

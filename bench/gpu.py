@@ -3,7 +3,7 @@
 Sampling (DiT-XL/2 prior + Control-Adapter, 14 DPM-Solver++ steps, guidance), a Stage 1
 training step, fused embedding (GME-Qwen2-VL-2B's architecture, 448x448 image + a text)
 and captioning (Qwen2.5-VL-7B's architecture, 120 new tokens), each through the
-project's own model/ and ops/ code (GuidedSampler, train_step, FusedEmbedder,
+project's own model/ and ops/ code (GuidedSampler, accumulate_gradients/apply_step, FusedEmbedder,
 Captioner) with random weights built from the architectures in conf `gpu_bench` (no
 hub). Every variant a stage can be switched to in conf is measured beside the plain
 one; compiled sampling is also compared with eager sampling on the same noise.

@@ -21,10 +21,9 @@ import torch
 
 def main() -> None:
     from model.prior import ControlAdapter, FusionDiffPrior
-    from ops.rank import MODES, QueryOp
-    from pipelines.common import plain, prepare_models
-    from pipelines.config import load_config
-    from pipelines.synthetic import draw, instruction, random_item, ATTRIBUTES
+    from ops.rank import QueryOp
+    from pipelines.config import RANK_MODES, load_config, plain
+    from pipelines.synthetic import ATTRIBUTES, build_demo_models, draw, instruction, random_item
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=64)
@@ -32,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="rank_bench_")
     cfg = load_config("conf/demo.yaml", [f"run_dir={root}"])
-    prepare_models(cfg)
+    build_demo_models(cfg)
     torch.manual_seed(0)
     prior = FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=cfg.tiny_models.t5.d_model, **plain(cfg.prior))
     with torch.no_grad():
@@ -49,10 +48,10 @@ def main() -> None:
         rows.append({"query_id": f"q{i}", "query_key": f"{i:064x}", "modification_text": instruction(a, vs[i % len(vs)]),
                      "shared_concept": "shape"})
     summary = {}
-    for mode in MODES:
+    for mode in RANK_MODES:
         c = load_config("conf/demo.yaml", [f"run_dir={root}", f"rank.mode={mode}"])
-        op = QueryOp(plain(c.models), plain(c.rank), plain(c.diffusion), plain(c.sampling), f"{root}/prior",
-                     f"{root}/adapter", {}, None, 0, None)
+        op = QueryOp(plain(c), None, {"prior": f"{root}/prior", "adapter": f"{root}/adapter", "expected_prior": {}},
+                     None)
         op.vectors(images[:2], rows[:2])  # warm-up
         t = time.perf_counter()
         for s in range(0, args.queries, args.batch):

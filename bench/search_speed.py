@@ -25,12 +25,12 @@ import pyarrow as pa
 
 
 def main() -> None:
+    from ops.rank import GallerySearch
     from ops.schemas import embeddings_schema, query_vectors_schema
-    from pipelines import index
-    from pipelines.config import plain
-    from pipelines.config import load_config
+    from pipelines.config import load_config, plain
+    from pipelines.context import RunContext
     from pipelines.lake import Lake
-    from pipelines.rank import GallerySearch
+    from pipelines.registry import STAGES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
@@ -39,7 +39,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="index.* / rank.* overrides")
     args = ap.parse_intermixed_args()
     root = tempfile.mkdtemp(prefix="search_bench_")
-    cfg = load_config("conf/demo.yaml", [f"run_dir={root}", f"models.embedder.dim={args.dim}", *args.overrides])
+    cfg = load_config("conf/demo.yaml", [f"run_dir={root}", f"models.embedder.dim={args.dim}", "rank.mode=query_only",
+                                         "rank.top_k=10", "rank.exclude_reference=false", "index.min_rows=1",
+                                         *args.overrides])
     rng = np.random.default_rng(0)
     d, n, q = args.dim, args.n, args.queries
 
@@ -72,16 +74,13 @@ def main() -> None:
         f"{cfg.storage.root}/query_vectors.lance")
     print(json.dumps({"written_s": round(time.perf_counter() - t, 1), "gallery": n, "dim": d}), flush=True)
     t = time.perf_counter()
-    line = index.run(load_config("conf/demo.yaml", [f"run_dir={root}", f"models.embedder.dim={d}", "index.min_rows=1",
-                                                    *args.overrides])).line()
+    line = STAGES["index"].run(RunContext.create(cfg)).line()
     print(json.dumps({"index": line, "index_build_s": round(time.perf_counter() - t, 1)}), flush=True)
     batch = pa.table({"query_id": [f"q{i}" for i in range(q)], "query_key": ["k"] * q,
                       "reference_id": pa.nulls(q, pa.string()), "reject_reason": pa.nulls(q, pa.string())})
-    common = dict(lake=Lake.from_conf(cfg), mode="query_only", top_k=10, block=cfg.rank.gallery_block,
-                  exclude_reference=False, index=plain(cfg.index), dim=d)
     results = {}
     for method in ("exact", "ann"):
-        search = GallerySearch(search=method, **common)
+        search = GallerySearch(plain(cfg), Lake.from_conf(cfg), method)
         t = time.perf_counter()
         out = search(batch)
         secs = time.perf_counter() - t

@@ -1,6 +1,7 @@
 """Training samples/s of a Stage 1 step (forward + backward + AdamW) through model/ directly.
 
-The same functions the Ray Train worker calls (diffusion_loss, train_step), on random
+The same functions the Ray Train worker calls (diffusion_loss, accumulate_gradients in
+parts of --micro-batch rows, apply_step: pipelines/train.py train_loop), on random
 inputs: the tiny prior of conf/demo.yaml on CPU by default, or DiT-XL/2 with
 `--config conf/prod.yaml --device cuda --autocast-bf16` (the paper's setting: bf16
 autocast, fp32 master weights). Prints one JSON line per batch size, then a summary.
@@ -20,11 +21,11 @@ import torch
 
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
 from model.prior import FusionDiffPrior
-from model.training import OptimConfig, make_optimizer, make_scheduler, train_step
+from model.training import OptimConfig, accumulate_gradients, apply_step, make_optimizer, make_scheduler
 
 
 def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int, steps: int, autocast: bool,
-               fused: bool = False) -> dict:
+               fused: bool = False, micro_batch: int = 0) -> dict:
     """Samples/s of `steps` training steps at batch b (after one warm-up step; a
     compiled prior compiles there). `fused`: conf train.fused_optimizer."""
     device = prior.device
@@ -36,10 +37,13 @@ def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int,
     c = torch.randn(b, cond_tokens, cond_dim, device=device)
     m = torch.ones(b, cond_tokens, dtype=torch.bool, device=device)
 
-    def step():
+    def loss_of_rows(rows: slice) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = diffusion_loss(prior, diffusion, z0, c, m, scheduler=noise)
-        train_step(loss, opt, sched, params, optim.grad_clip)
+            return diffusion_loss(prior, diffusion, z0[rows], c[rows], m[rows], scheduler=noise)
+
+    def step():
+        accumulate_gradients(loss_of_rows, b, micro_batch)
+        apply_step(opt, sched, params, optim.grad_clip)
 
     step()  # warm-up (allocations, kernels)
     if device.type == "cuda":
@@ -57,8 +61,7 @@ def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int,
 
 
 def main() -> None:
-    from pipelines.config import plain
-    from pipelines.config import load_config
+    from pipelines.config import load_config, plain
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=None)
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast-bf16", action="store_true")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--micro-batch", type=int, default=0, help="train.micro_batch_size: rows per forward (0: all)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     cfg = load_config(args.config or ["conf/demo.yaml"], args.overrides)
@@ -77,7 +81,7 @@ def main() -> None:
     results = []
     for b in args.batches:
         results.append(time_batch(prior, diffusion, optim, b, args.cond_tokens, args.cond_dim, args.steps,
-                                  args.autocast_bf16))
+                                  args.autocast_bf16, micro_batch=args.micro_batch))
         print(json.dumps(results[-1]), flush=True)
     best = max(results, key=lambda r: r["samples_per_s"])
     print(json.dumps({"params_m": round(sum(p.numel() for p in prior.parameters()) / 1e6, 2),

@@ -29,7 +29,9 @@ def load_prior(path: str, expected: dict | None = None, **kwargs) -> FusionDiffP
         raise CheckpointMismatch(f"no prior checkpoint at {path} (config.json missing)")
     found = FusionDiffPrior.load_config(path)
     if found.get("_class_name") != FusionDiffPrior.__name__:
-        raise CheckpointMismatch(f"checkpoint {path} holds a {found.get('_class_name')}, not a FusionDiffPrior")
+        raise CheckpointMismatch(
+            f"checkpoint {path} holds a {found.get('_class_name')}, not a FusionDiffPrior"
+        )
     _compare(path, found, expected or {})
     return FusionDiffPrior.from_pretrained(path, **kwargs)
 
@@ -39,7 +41,9 @@ def load_adapter(path: str, prior: FusionDiffPrior, **kwargs) -> ControlAdapter:
         raise CheckpointMismatch(f"no Control-Adapter checkpoint at {path} (config.json missing)")
     found = ControlAdapter.load_config(path)
     if found.get("_class_name") != ControlAdapter.__name__:
-        raise CheckpointMismatch(f"checkpoint {path} holds a {found.get('_class_name')}, not a ControlAdapter")
+        raise CheckpointMismatch(
+            f"checkpoint {path} holds a {found.get('_class_name')}, not a ControlAdapter"
+        )
     expected = {k: v for k, v in dict(prior.config).items() if not k.startswith("_")}
     _compare(path, found.get("prior_config") or {}, expected)
     return ControlAdapter.from_pretrained(path, **kwargs)

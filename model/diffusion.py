@@ -99,10 +99,17 @@ class GuidedSampler:
 
     def __init__(self, diffusion: DiffusionConfig, sampling: SamplerConfig):
         self.diffusion, self.cfg = diffusion, sampling
-        common = dict(num_train_timesteps=diffusion.num_train_timesteps, beta_schedule=diffusion.beta_schedule,
-                      beta_start=diffusion.beta_start, beta_end=diffusion.beta_end, prediction_type="epsilon")
+        common = dict(
+            num_train_timesteps=diffusion.num_train_timesteps,
+            beta_schedule=diffusion.beta_schedule,
+            beta_start=diffusion.beta_start,
+            beta_end=diffusion.beta_end,
+            prediction_type="epsilon",
+        )
         if sampling.sampler == "dpmsolver++":
-            self.scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+            self.scheduler = DPMSolverMultistepScheduler(
+                **common, algorithm_type="dpmsolver++", solver_order=2
+            )
         elif sampling.sampler == "ddpm":
             self.scheduler = DDPMScheduler(**common, clip_sample=False)
         else:
@@ -114,8 +121,9 @@ class GuidedSampler:
         # of two: at most log2(batch) graphs, and the last, short batch of a run reuses one.
         self.denoise = self.guided_eps
         if sampling.compile != "none":
-            self.denoise = torch.compile(self.guided_eps, mode=compile_mode(sampling.compile, "sampling.compile"),
-                                         dynamic=False)
+            self.denoise = torch.compile(
+                self.guided_eps, mode=compile_mode(sampling.compile, "sampling.compile"), dynamic=False
+            )
 
     def guided_eps(self, prior, x, t, text, adapter, z_query) -> torch.Tensor:
         """(1 + gamma) eps(x, t, c, z_q) - gamma eps(x, t, none, none), one forward of 2B rows.
@@ -124,12 +132,21 @@ class GuidedSampler:
         """
         gamma = self.cfg.guidance_scale
         if gamma == 0:
-            return prior(x, t, adapter=adapter, z_query=z_query, control_scale=self.cfg.control_scale, text=text)
+            return prior(
+                x, t, adapter=adapter, z_query=z_query, control_scale=self.cfg.control_scale, text=text
+            )
         b = x.shape[0]
         t2 = t if t.dim() == 0 else torch.cat([t, t])
         # The conditional half is the first b rows: the adapter runs on those alone.
-        eps = prior(torch.cat([x, x]), t2, adapter=adapter, z_query=z_query,
-                    control_rows=b if adapter is not None else None, control_scale=self.cfg.control_scale, text=text)
+        eps = prior(
+            torch.cat([x, x]),
+            t2,
+            adapter=adapter,
+            z_query=z_query,
+            control_rows=b if adapter is not None else None,
+            control_scale=self.cfg.control_scale,
+            text=text,
+        )
         cond_eps, uncond_eps = eps[:b], eps[b:]
         return (1 + gamma) * cond_eps - gamma * uncond_eps
 
@@ -143,10 +160,16 @@ class GuidedSampler:
         return prior.text_condition(cond2, mask2, 2 * b, drop, adapter=adapter, cache_kv=self.cfg.cache_text)
 
     @torch.no_grad()
-    def sample(self, prior: FusionDiffPrior, cond: torch.Tensor | None, cond_mask: torch.Tensor | None,
-               adapter: ControlAdapter | None = None, z_query: torch.Tensor | None = None,
-               batch_size: int | None = None,
-               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        prior: FusionDiffPrior,
+        cond: torch.Tensor | None,
+        cond_mask: torch.Tensor | None,
+        adapter: ControlAdapter | None = None,
+        z_query: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """Unit vectors: (B, d_VL) with aggregation 'mean', (B, S, d_VL) with 'none'.
 
         `generator`: one for the batch, or a list of one per query, so that a query's
@@ -155,7 +178,7 @@ class GuidedSampler:
         """
         s = self.cfg.samples_per_query
         b = batch_size or (cond.shape[0] if cond is not None else z_query.shape[0])
-        rep = (lambda t: None if t is None else t.repeat_interleave(s, dim=0))
+        rep = lambda t: None if t is None else t.repeat_interleave(s, dim=0)
         cond, cond_mask, z_query = rep(cond), rep(cond_mask), rep(z_query)
         d = prior.config.d_vl
         if z_query is not None:
@@ -171,10 +194,12 @@ class GuidedSampler:
         if self.cfg.compile != "none":
             # Rows are independent (no batch statistics): zero rows pad, then are cut off.
             pad = (1 << (n - 1).bit_length()) - n
-            grow = (lambda t: None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]))
+            grow = lambda t: None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
             cond, cond_mask, z_query, x = grow(cond), grow(cond_mask), grow(z_query), grow(x)
             if isinstance(generator, list):  # pad rows draw from generators of their own
-                generator = generator + [torch.Generator(generator[0].device).manual_seed(0) for _ in range(pad)]
+                generator = generator + [
+                    torch.Generator(generator[0].device).manual_seed(0) for _ in range(pad)
+                ]
         text = self.guided_text(prior, cond, cond_mask, x.shape[0], adapter)
         for t in self.scheduler.timesteps:
             eps = self.denoise(prior, x.to(prior.dtype), t.to(device), text, adapter, z_query).float()

@@ -95,7 +95,8 @@ class MLLM:
                add_generation_prompt: bool, suffix: str = "") -> dict:
         """Chat conversations (+ their images, in order) to model inputs, left-padded."""
         texts = [
-            self.processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False) + suffix
+            self.processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False)
+            + suffix
             for c in conversations
         ]
         kwargs = {}
@@ -108,17 +109,23 @@ class MLLM:
         if len(parts) == 1:
             batch = self._process(*parts[0], kwargs)
         else:
-            batch = _merge_left_padded(list(self._pool().map(lambda p: self._process(*p, kwargs), parts)),
-                                       self.tokenizer.pad_token_id)
+            batch = _merge_left_padded(
+                list(self._pool().map(lambda p: self._process(*p, kwargs), parts)),
+                self.tokenizer.pad_token_id,
+            )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if images and self.normalize_on_device:
             batch["pixel_values"] = self._normalize(batch["pixel_values"])
         return batch
 
     def _process(self, texts: list[str], images: list[Image.Image], kwargs: dict) -> dict:
-        return dict(self.processor(text=texts, images=images or None, return_tensors="pt", padding=True, **kwargs))
+        return dict(
+            self.processor(text=texts, images=images or None, return_tensors="pt", padding=True, **kwargs)
+        )
 
-    def _parts(self, texts: list[str], images: list[Image.Image]) -> list[tuple[list[str], list[Image.Image]]]:
+    def _parts(
+        self, texts: list[str], images: list[Image.Image]
+    ) -> list[tuple[list[str], list[Image.Image]]]:
         """At most preprocess_threads runs of consecutive rows, with the images they hold."""
         n = min(self.preprocess_threads, len(texts))
         if n <= 1:
@@ -128,7 +135,7 @@ class MLLM:
         parts, used = [], 0
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             k = sum(t.count(token) for t in texts[lo:hi])
-            parts.append((texts[lo:hi], images[used:used + k]))
+            parts.append((texts[lo:hi], images[used : used + k]))
             used += k
         return parts
 
@@ -169,27 +176,48 @@ def _merge_left_padded(parts: list[dict], pad_id: int) -> dict:
     return out
 
 
-def load_mllm(name_or_path: str, dtype: str = "float32", device: str = "cpu",
-              image_min_pixels: int = 3136, image_max_pixels: int = 200704,
-              attn_implementation: str = "sdpa", preprocess_threads: int = 1,
-              normalize_on_device: bool = False) -> MLLM:
+def load_mllm(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    image_min_pixels: int = 3136,
+    image_max_pixels: int = 200704,
+    attn_implementation: str = "sdpa",
+    preprocess_threads: int = 1,
+    normalize_on_device: bool = False,
+) -> MLLM:
     # Left padding: the last position of every row is its real last token, which
     # both the fused embedding (last hidden state) and batched `generate` rely on.
     processor = load_processor(name_or_path)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype(dtype),
-                                                        attn_implementation=attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+    )
     model.to(device).eval()
-    return MLLM(model, processor, name_or_path, torch.device(device), image_min_pixels, image_max_pixels,
-                preprocess_threads, normalize_on_device)
+    return MLLM(
+        model,
+        processor,
+        name_or_path,
+        torch.device(device),
+        image_min_pixels,
+        image_max_pixels,
+        preprocess_threads,
+        normalize_on_device,
+    )
 
 
 def load_mllm_from_conf(m: dict) -> MLLM:
     """`load_mllm` from a `models.<role>` section of conf (a plain dict)."""
-    return load_mllm(m["name_or_path"], dtype=m["dtype"], device=m["device"],
-                     image_min_pixels=m["image_min_pixels"], image_max_pixels=m["image_max_pixels"],
-                     attn_implementation=m["attn_implementation"], preprocess_threads=m["preprocess_threads"],
-                     normalize_on_device=m["normalize_on_device"])
+    return load_mllm(
+        m["name_or_path"],
+        dtype=m["dtype"],
+        device=m["device"],
+        image_min_pixels=m["image_min_pixels"],
+        image_max_pixels=m["image_max_pixels"],
+        attn_implementation=m["attn_implementation"],
+        preprocess_threads=m["preprocess_threads"],
+        normalize_on_device=m["normalize_on_device"],
+    )
 
 
 def _user_turn(image: Image.Image | None, text: str | None) -> dict:
@@ -213,9 +241,9 @@ class Captioner:
     kv_cache (conf `caption.kv_cache`): "dynamic" grows the key/value cache token by
     token (transformers' default); "static" allocates it once at its final length;
     "static_compiled" also has transformers compile the one-token decoding step with
-    torch.compile (on GPUs only), against per-token launch overhead; on an H100 it
-    measured slower than "dynamic" at batches 256 and 512 (docs/benchmarks.md). The
-    static cache gives the same greedy tokens as the dynamic one (tests/test_fast_paths.py).
+    torch.compile (on GPUs only), against per-token launch overhead (its figures are in
+    docs/benchmarks.md). The static cache gives the same greedy tokens as the dynamic
+    one (tests/test_fast_paths.py).
     """
 
     def __init__(self, mllm: MLLM, kv_cache: str = "dynamic"):
@@ -225,8 +253,13 @@ class Captioner:
         self.kv_cache = kv_cache
 
     @torch.inference_mode()
-    def generate_ids(self, images: Sequence[Image.Image | None], prompts: Sequence[str], max_new_tokens: int,
-                     min_new_tokens: int = 0) -> torch.Tensor:
+    def generate_ids(
+        self,
+        images: Sequence[Image.Image | None],
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+    ) -> torch.Tensor:
         """The new tokens, (B, <= max_new_tokens), padded after each row's end token.
         min_new_tokens > 0 holds the end token back (benchmarks of random weights)."""
         conversations = [[_user_turn(im, p)] for im, p in zip(images, prompts)]
@@ -237,12 +270,19 @@ class Captioner:
         if self.kv_cache != "dynamic":
             cache = dict(cache_implementation="static", disable_compile=self.kv_cache == "static")
         out = self.mllm.model.generate(
-            **batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **cache,
+            **batch,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **cache,
         )
-        return out[:, batch["input_ids"].shape[1]:]
+        return out[:, batch["input_ids"].shape[1] :]
 
-    def generate(self, images: Sequence[Image.Image | None], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def generate(
+        self, images: Sequence[Image.Image | None], prompts: Sequence[str], max_new_tokens: int
+    ) -> list[str]:
         new_tokens = self.generate_ids(images, prompts, max_new_tokens)
         return [t.strip() for t in self.mllm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -284,7 +324,9 @@ class FusedEmbedder:
         return getattr(cfg, "text_config", cfg).hidden_size
 
     @torch.inference_mode()
-    def embed(self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None) -> torch.Tensor:
+    def embed(
+        self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None
+    ) -> torch.Tensor:
         """(B, d_VL) float32 unit vectors, on the CPU."""
         n = len(images) if images is not None else len(texts)
         images = list(images) if images is not None else [None] * n
@@ -301,7 +343,9 @@ class FusedEmbedder:
 
         def encode(lo: int, hi: int) -> dict:
             present = [im for im in images[lo:hi] if im is not None]
-            return self.mllm.encode(conversations[lo:hi], present, add_generation_prompt=True, suffix=self.end_token)
+            return self.mllm.encode(
+                conversations[lo:hi], present, add_generation_prompt=True, suffix=self.end_token
+            )
 
         bounds = np.linspace(0, n, min(self.overlap_parts, n) + 1).round().astype(int).tolist()
         parts = list(zip(bounds[:-1], bounds[1:]))
@@ -309,8 +353,13 @@ class FusedEmbedder:
             return self._last_state(encode(0, n))
         # Parts are cut from the batch in order of length (pixels, then text), so that
         # each pads its rows to a similar length; the vectors go back to input order.
-        order = sorted(range(n), key=lambda i: (0 if images[i] is None else images[i].width * images[i].height,
-                                                len(texts[i] or "")))
+        order = sorted(
+            range(n),
+            key=lambda i: (
+                0 if images[i] is None else images[i].width * images[i].height,
+                len(texts[i] or ""),
+            ),
+        )
         images, texts = [images[i] for i in order], [texts[i] for i in order]
         conversations = [conversations[i] for i in order]
         out = []

@@ -1,7 +1,7 @@
 """The Fusion-Diff denoiser: a DiT over a vector, and its Control-Adapter.
 
 Read top to bottom: embedders, the block, the prior (FusionDiffPrior), the adapter
-(ControlAdapter). Section numbers refer to seeds/fusion-diff.txt.
+(ControlAdapter). Section numbers refer to the Fusion-Diff paper (docs/method.md).
 
 The vector z_n in R^d_VL is projected to a pseudo-spatial map C x H x W (4 x 32 x 32 in
 the paper), cut into p x p patches (256 tokens), and run through L encoder and L decoder
@@ -40,7 +40,9 @@ def sincos_positions(num_tokens_side: int, dim: int) -> torch.Tensor:
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    grid = np.meshgrid(np.arange(num_tokens_side, dtype=np.float64), np.arange(num_tokens_side, dtype=np.float64))
+    grid = np.meshgrid(
+        np.arange(num_tokens_side, dtype=np.float64), np.arange(num_tokens_side, dtype=np.float64)
+    )
     emb = np.concatenate([one_axis(dim // 2, grid[0]), one_axis(dim // 2, grid[1])], axis=1)
     return torch.from_numpy(emb).float()
 
@@ -51,7 +53,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
@@ -78,8 +82,13 @@ class Attention(nn.Module):
         k, v = self.kv(kv).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                kv_proj: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        kv_proj: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """kv_proj: keys and values already projected from `kv` (project_kv), reused."""
         b, n, d = x.shape
         h = self.num_heads
@@ -103,12 +112,21 @@ class FusionDiffBlock(nn.Module):
         self.cross_attn = Attention(hidden_size, num_heads)
         self.norm3 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         hidden_mlp = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_mlp), nn.GELU(approximate="tanh"),
-                                 nn.Linear(hidden_mlp, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_mlp),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_mlp, hidden_size),
+        )
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 9 * hidden_size))
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
-                cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t_emb: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """cond_kv: the cross-attention's keys and values of `cond`, if already computed."""
         s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.ada_ln(t_emb).chunk(9, dim=-1)
         x = x + g1.unsqueeze(1) * self.self_attn(modulate(self.norm1(x), s1, c1))
@@ -173,34 +191,55 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = False
 
     @register_to_config
-    def __init__(self, d_vl: int = 1536, cond_dim: int = 2048, map_channels: int = 4, map_size: int = 32,
-                 patch_size: int = 2, hidden_size: int = 1152, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_encoder_blocks: int = 14, num_decoder_blocks: int = 14, frequency_size: int = 256):
+    def __init__(
+        self,
+        d_vl: int = 1536,
+        cond_dim: int = 2048,
+        map_channels: int = 4,
+        map_size: int = 32,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_encoder_blocks: int = 14,
+        num_decoder_blocks: int = 14,
+        frequency_size: int = 256,
+    ):
         super().__init__()
         if num_encoder_blocks != num_decoder_blocks:
-            raise ValueError(f"num_encoder_blocks ({num_encoder_blocks}) must equal num_decoder_blocks "
-                             f"({num_decoder_blocks}): each encoder output feeds one decoder block")
+            raise ValueError(
+                f"num_encoder_blocks ({num_encoder_blocks}) must equal num_decoder_blocks "
+                f"({num_decoder_blocks}): each encoder output feeds one decoder block"
+            )
         if map_size % patch_size or hidden_size % num_heads:
-            raise ValueError(f"map_size ({map_size}) must divide by patch_size ({patch_size}) and "
-                             f"hidden_size ({hidden_size}) by num_heads ({num_heads})")
+            raise ValueError(
+                f"map_size ({map_size}) must divide by patch_size ({patch_size}) and "
+                f"hidden_size ({hidden_size}) by num_heads ({num_heads})"
+            )
         self.side = map_size // patch_size
         patch_dim = map_channels * patch_size * patch_size
         # P: R^d_VL -> C x H x W (eq. 10), then patches -> tokens (eq. 11).
         self.projector = nn.Linear(d_vl, map_channels * map_size * map_size)
         self.patch_embed = nn.Linear(patch_dim, hidden_size)
         # On the projector's device: built under `with torch.device(...)` the model is born there.
-        self.register_buffer("pos_embed", sincos_positions(self.side, hidden_size).unsqueeze(0).to(
-            self.projector.weight.device), persistent=False)
+        self.register_buffer(
+            "pos_embed",
+            sincos_positions(self.side, hidden_size).unsqueeze(0).to(self.projector.weight.device),
+            persistent=False,
+        )
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_size)
         # The text tokens' projection MLP (section 7, "Text Conditioning").
-        self.cond_proj = nn.Sequential(nn.Linear(cond_dim, hidden_size), nn.GELU(approximate="tanh"),
-                                       nn.Linear(hidden_size, hidden_size))
+        self.cond_proj = nn.Sequential(
+            nn.Linear(cond_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+        )
         # The unconditional branch's condition (CFG's "none"): one learned token.
         self.null_cond = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.encoder_blocks = nn.ModuleList(
-            FusionDiffBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_encoder_blocks))
+            FusionDiffBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_encoder_blocks)
+        )
         self.decoder_blocks = nn.ModuleList(
-            FusionDiffBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_decoder_blocks))
+            FusionDiffBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_decoder_blocks)
+        )
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.unpatch = nn.Linear(hidden_size, patch_dim)  # P^-1, eq. 16
@@ -237,8 +276,9 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         patches = h.permute(0, 2, 4, 1, 3, 5).reshape(-1, self.side * self.side, c * p * p)
         return self.patch_embed(patches) + self.pos_embed.to(patches.dtype)
 
-    def condition(self, cond: torch.Tensor | None, cond_mask: torch.Tensor | None, batch: int,
-                  drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def condition(
+        self, cond: torch.Tensor | None, cond_mask: torch.Tensor | None, batch: int, drop: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text tokens and their key mask, with the null token prepended.
 
         The null token is always present and always attendable, so a row whose text is
@@ -249,31 +289,55 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         if cond is None:
             return null, torch.ones(batch, 1, dtype=torch.bool, device=null.device)
         if cond.shape[-1] != self.config.cond_dim:
-            raise ValueError(f"text condition has tokens of size {cond.shape[-1]}, "
-                             f"the prior expects cond_dim={self.config.cond_dim}")
+            raise ValueError(
+                f"text condition has tokens of size {cond.shape[-1]}, "
+                f"the prior expects cond_dim={self.config.cond_dim}"
+            )
         tokens = self.cond_proj(cond.to(null.dtype))
-        mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device) if cond_mask is None else cond_mask.bool()
+        mask = (
+            torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+            if cond_mask is None
+            else cond_mask.bool()
+        )
         if drop is not None:
             mask = mask & ~drop[:, None]
         ones = torch.ones(batch, 1, dtype=torch.bool, device=mask.device)
         return torch.cat([null, tokens], dim=1), torch.cat([ones, mask], dim=1)
 
-    def text_condition(self, cond: torch.Tensor | None, cond_mask: torch.Tensor | None, batch: int,
-                       drop: torch.Tensor | None = None, adapter: "ControlAdapter | None" = None,
-                       cache_kv: bool = False) -> TextCondition:
+    def text_condition(
+        self,
+        cond: torch.Tensor | None,
+        cond_mask: torch.Tensor | None,
+        batch: int,
+        drop: torch.Tensor | None = None,
+        adapter: "ControlAdapter | None" = None,
+        cache_kv: bool = False,
+    ) -> TextCondition:
         """`condition`, and with cache_kv every cross-attention's keys and values of it."""
         tokens, mask = self.condition(cond, cond_mask, batch, drop)
         if not cache_kv:
             return TextCondition(tokens, mask)
         kv = tuple(b.cross_attn.project_kv(tokens) for b in [*self.encoder_blocks, *self.decoder_blocks])
-        adapter_kv = None if adapter is None else tuple(b.cross_attn.project_kv(tokens) for b in adapter.control_blocks)
+        adapter_kv = (
+            None
+            if adapter is None
+            else tuple(b.cross_attn.project_kv(tokens) for b in adapter.control_blocks)
+        )
         return TextCondition(tokens, mask, kv, adapter_kv)
 
-    def forward(self, z_n: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None,
-                adapter: "ControlAdapter | None" = None, z_query: torch.Tensor | None = None,
-                control_rows: torch.Tensor | int | None = None, control_scale: float = 1.0,
-                text: TextCondition | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z_n: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        cond_mask: torch.Tensor | None = None,
+        drop_cond: torch.Tensor | None = None,
+        adapter: "ControlAdapter | None" = None,
+        z_query: torch.Tensor | None = None,
+        control_rows: torch.Tensor | int | None = None,
+        control_scale: float = 1.0,
+        text: TextCondition | None = None,
+    ) -> torch.Tensor:
         """Predicted noise, (B, d_VL).
 
         cond, cond_mask: text tokens (B, K, cond_dim) and their mask (True = real token).
@@ -301,7 +365,9 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
             x = block(x, t_emb, c, c_mask, block_kv)
             skips.append(x)
         if adapter is not None:
-            skips = adapter(self, x0, skips, t_emb, c, c_mask, z_query, control_rows, control_scale, text.adapter_kv)
+            skips = adapter(
+                self, x0, skips, t_emb, c, c_mask, z_query, control_rows, control_scale, text.adapter_kv
+            )
         # Decoder: block j takes the running stream plus the j-th encoder output from the
         # end (eq. 6's y_c,L-j+1); the first decoder block starts from the last one.
         x = skips[-1]
@@ -333,10 +399,19 @@ class ControlAdapter(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, hidden_size: int = 1152, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_blocks: int = 14, d_vl: int = 1536, prior_config: dict | None = None):
+    def __init__(
+        self,
+        hidden_size: int = 1152,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_blocks: int = 14,
+        d_vl: int = 1536,
+        prior_config: dict | None = None,
+    ):
         super().__init__()
-        self.control_blocks = nn.ModuleList(FusionDiffBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_blocks))
+        self.control_blocks = nn.ModuleList(
+            FusionDiffBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_blocks)
+        )
         self.z1 = nn.Linear(hidden_size, hidden_size)
         self.z2 = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_blocks))
         for layer in [self.z1, *self.z2]:
@@ -347,8 +422,14 @@ class ControlAdapter(ModelMixin, ConfigMixin):
     def from_prior(cls, prior: FusionDiffPrior) -> "ControlAdapter":
         """A fresh adapter: control blocks copied from the prior's encoder blocks, Z1 = Z2 = 0."""
         cfg = prior.config
-        adapter = cls(hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                      num_blocks=cfg.num_encoder_blocks, d_vl=cfg.d_vl, prior_config=dict(cfg))
+        adapter = cls(
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            num_blocks=cfg.num_encoder_blocks,
+            d_vl=cfg.d_vl,
+            prior_config=dict(cfg),
+        )
         for ctrl, enc in zip(adapter.control_blocks, prior.encoder_blocks):
             ctrl.load_state_dict(copy.deepcopy(enc.state_dict()))
         adapter.to(prior.device)
@@ -359,15 +440,26 @@ class ControlAdapter(ModelMixin, ConfigMixin):
     def check_compatible(self, prior: FusionDiffPrior) -> None:
         ours = {k: v for k, v in (self.config.prior_config or {}).items() if not k.startswith("_")}
         theirs = {k: v for k, v in dict(prior.config).items() if not k.startswith("_")}
-        diff = {k: (ours.get(k), theirs.get(k)) for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+        diff = {
+            k: (ours.get(k), theirs.get(k)) for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)
+        }
         if diff:
             detail = ", ".join(f"{k}: adapter {a!r}, prior {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ValueError(f"this Control-Adapter was built for another prior ({detail})")
 
-    def forward(self, prior: FusionDiffPrior, x0: torch.Tensor, enc_outs: list[torch.Tensor], t_emb: torch.Tensor,
-                c: torch.Tensor, c_mask: torch.Tensor, z_query: torch.Tensor | None,
-                rows: torch.Tensor | int | None, control_scale: float,
-                cond_kv: tuple | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        prior: FusionDiffPrior,
+        x0: torch.Tensor,
+        enc_outs: list[torch.Tensor],
+        t_emb: torch.Tensor,
+        c: torch.Tensor,
+        c_mask: torch.Tensor,
+        z_query: torch.Tensor | None,
+        rows: torch.Tensor | int | None,
+        control_scale: float,
+        cond_kv: tuple | None = None,
+    ) -> list[torch.Tensor]:
         """The decoder's skip inputs: the encoder outputs plus delta times the control residuals.
 
         Only `rows` run the control branch: None = all rows, a boolean mask (training,
@@ -383,22 +475,27 @@ class ControlAdapter(ModelMixin, ConfigMixin):
         if isinstance(rows, torch.Tensor) and not bool(rows.any()):
             return enc_outs
         if z_query.shape[-1] != self.config.d_vl:
-            raise ValueError(f"z_query has size {z_query.shape[-1]}, the adapter expects d_vl={self.config.d_vl}")
+            raise ValueError(
+                f"z_query has size {z_query.shape[-1]}, the adapter expects d_vl={self.config.d_vl}"
+            )
         if rows is None:
-            pick = (lambda t: t)
-            merge = (lambda full, part: full + part)
+            pick = lambda t: t
+            merge = lambda full, part: full + part
         elif isinstance(rows, int):
-            pick = (lambda t: t[:rows])
-            merge = (lambda full, part: torch.cat([full[:rows] + part, full[rows:]]))
+            pick = lambda t: t[:rows]
+            merge = lambda full, part: torch.cat([full[:rows] + part, full[rows:]])
         else:
             idx = rows.nonzero(as_tuple=True)[0]
-            pick = (lambda t: t.index_select(0, idx))
-            merge = (lambda full, part: full.index_add(0, idx, part))
+            pick = lambda t: t.index_select(0, idx)
+            merge = lambda full, part: full.index_add(0, idx, part)
         n = pick(x0).shape[0]
         zq = z_query if z_query.shape[0] == n else pick(z_query)
         t_c, c_c, m_c = pick(t_emb), pick(c), pick(c_mask)
         h = pick(x0) + self.z1(prior.tokens(zq))
-        kvs = [None if cond_kv is None else (pick(cond_kv[l][0]), pick(cond_kv[l][1])) for l in range(len(self.z2))]
+        kvs = [
+            None if cond_kv is None else (pick(cond_kv[l][0]), pick(cond_kv[l][1]))
+            for l in range(len(self.z2))
+        ]
         out = []
         for l, (block, z2) in enumerate(zip(self.control_blocks, self.z2)):
             residual = z2(block(h, t_c, c_c, m_c, kvs[l]))

@@ -23,7 +23,9 @@ class TextEncoder:
         self.device = torch.device(device)
         if kind == "t5":
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = T5EncoderModel.from_pretrained(name_or_path, dtype=torch_dtype(dtype)).to(self.device).eval()
+            self.model = (
+                T5EncoderModel.from_pretrained(name_or_path, dtype=torch_dtype(dtype)).to(self.device).eval()
+            )
             self.dim = self.model.config.d_model
         elif kind == "mllm":
             if mllm is None:
@@ -38,12 +40,22 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # Right padding here: the condition is consumed through a key padding mask, so
         # where the padding sits does not matter, and T5 is trained right-padded.
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt", padding_side="right").to(self.device)
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+            padding_side="right",
+        ).to(self.device)
         if self.kind == "t5":
-            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
         else:
-            out = self.model.model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = self.model.model.language_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
             hidden = out.last_hidden_state
         mask = batch["attention_mask"].bool()
         return hidden.float() * mask.unsqueeze(-1), mask
@@ -66,8 +78,14 @@ def load_text_encoder_from_conf(text_encoder: dict, embedder: dict, device: str 
     mllm = None
     if text_encoder["kind"] == "mllm":
         mllm = load_mllm_from_conf({**embedder, **({"device": device} if device else {})})
-    return TextEncoder(text_encoder["kind"], text_encoder["name_or_path"], text_encoder["max_tokens"],
-                       text_encoder["dtype"], device or text_encoder["device"], mllm=mllm)
+    return TextEncoder(
+        text_encoder["kind"],
+        text_encoder["name_or_path"],
+        text_encoder["max_tokens"],
+        text_encoder["dtype"],
+        device or text_encoder["device"],
+        mllm=mllm,
+    )
 
 
 def text_encoder_name(text_encoder: dict, embedder: dict) -> str:

@@ -72,7 +72,9 @@ def tiny_processor(corpus: Iterable[str], vocab_size: int, image_min_pixels: int
 
 def build_tiny_mllm(out_dir: str, spec: dict, corpus: Iterable[str], seed: int) -> str:
     """A Qwen2.5-VL-family MLLM at toy size, saved to `out_dir`; returns `out_dir`."""
-    processor, ids = tiny_processor(corpus, spec["vocab_size"], spec["image_min_pixels"], spec["image_max_pixels"])
+    processor, ids = tiny_processor(
+        corpus, spec["vocab_size"], spec["image_min_pixels"], spec["image_max_pixels"]
+    )
     tokenizer = processor.tokenizer
     head_dim = spec["hidden_size"] // spec["num_attention_heads"]
     # Qwen's multimodal rope splits head_dim/2 frequencies over (time, height, width).
@@ -80,21 +82,34 @@ def build_tiny_mllm(out_dir: str, spec: dict, corpus: Iterable[str], seed: int) 
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=spec["hidden_size"],
-            intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_layers"],
-            num_attention_heads=spec["num_attention_heads"], num_key_value_heads=spec["num_key_value_heads"],
+            vocab_size=len(tokenizer),
+            hidden_size=spec["hidden_size"],
+            intermediate_size=spec["intermediate_size"],
+            num_hidden_layers=spec["num_layers"],
+            num_attention_heads=spec["num_attention_heads"],
+            num_key_value_heads=spec["num_key_value_heads"],
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
             max_position_embeddings=spec["max_position_embeddings"],
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=spec["vision_depth"], hidden_size=spec["vision_hidden_size"],
-            intermediate_size=2 * spec["vision_hidden_size"], num_heads=spec["vision_num_heads"],
-            out_hidden_size=spec["hidden_size"], fullatt_block_indexes=[spec["vision_depth"] - 1],
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            depth=spec["vision_depth"],
+            hidden_size=spec["vision_hidden_size"],
+            intermediate_size=2 * spec["vision_hidden_size"],
+            num_heads=spec["vision_num_heads"],
+            out_hidden_size=spec["hidden_size"],
+            fullatt_block_indexes=[spec["vision_depth"] - 1],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
         ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -113,17 +128,29 @@ def build_tiny_t5_encoder(out_dir: str, spec: dict, corpus: Iterable[str], seed:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(
-        vocab_size=spec["vocab_size"], special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+        vocab_size=spec["vocab_size"],
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
     )
     tok.train_from_iterator(list(corpus), trainer)
     from tokenizers import processors
 
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=spec["d_model"], d_ff=2 * spec["d_model"],
-        d_kv=spec["d_model"] // spec["num_heads"], num_layers=spec["num_layers"], num_heads=spec["num_heads"],
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        d_model=spec["d_model"],
+        d_ff=2 * spec["d_model"],
+        d_kv=spec["d_model"] // spec["num_heads"],
+        num_layers=spec["num_layers"],
+        num_heads=spec["num_heads"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = T5EncoderModel(config)

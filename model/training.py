@@ -36,11 +36,18 @@ class OptimConfig:
         return cls(**{f.name: section[f.name] for f in fields(cls)})
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW; `fused` (conf `train.fused_optimizer`) updates every parameter in one kernel
     per step instead of a loop of small ones: the same arithmetic (tests/test_fast_paths.py)."""
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=fused or None)
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -62,8 +69,12 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))
 
 
-def accumulate_gradients(loss_of_rows: Callable[[slice], torch.Tensor], rows: int, micro_batch: int,
-                         no_sync: Callable[[], ContextManager] | None = None) -> torch.Tensor:
+def accumulate_gradients(
+    loss_of_rows: Callable[[slice], torch.Tensor],
+    rows: int,
+    micro_batch: int,
+    no_sync: Callable[[], ContextManager] | None = None,
+) -> torch.Tensor:
     """Backward of a batch's mean loss, `micro_batch` rows at a time (0: all at once).
 
     The gradients are those of the whole batch's mean (each part's mean loss weighted
@@ -85,24 +96,15 @@ def accumulate_gradients(loss_of_rows: Callable[[slice], torch.Tensor], rows: in
     return total
 
 
-def apply_step(opt: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter], grad_clip: float) -> float:
+def apply_step(
+    opt: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter], grad_clip: float
+) -> float:
     """Clip the accumulated gradients, step, clear them; returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     scheduler.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)
-
-
-def train_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter],
-               grad_clip: float) -> float:
-    """Backward, clip, step; returns the gradient norm before clipping. A NaN or Inf
-    loss raises before the weights are touched."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}: stopping before the weights are updated")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    return apply_step(opt, scheduler, params, grad_clip)
 
 
 class EMA:
@@ -113,8 +115,9 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()
-                       if v.dtype.is_floating_point}
+        self.shadow = {
+            k: v.detach().clone().float() for k, v in model.state_dict().items() if v.dtype.is_floating_point
+        }
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -124,17 +127,21 @@ class EMA:
 
     def copy_to(self, model: torch.nn.Module) -> None:
         state = model.state_dict()
-        model.load_state_dict({k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()})
+        model.load_state_dict(
+            {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()}
+        )
 
 
-# Training state on disk: tensors in safetensors (never pickles, DESIGN.md), the rest
+# Training state on disk: tensors in safetensors (never pickles: loading one can run code), the rest
 # in JSON. The model itself is saved with save_pretrained beside it.
 OPTIMIZER_FILE = "optimizer.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.json"
 
 
-def save_training_state(path: str, opt: torch.optim.Optimizer, scheduler, ema: EMA | None, state: dict) -> None:
+def save_training_state(
+    path: str, opt: torch.optim.Optimizer, scheduler, ema: EMA | None, state: dict
+) -> None:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in sd["state"].items():
@@ -148,8 +155,15 @@ def save_training_state(path: str, opt: torch.optim.Optimizer, scheduler, ema: E
     if ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, os.path.join(path, EMA_FILE))
     with open(os.path.join(path, STATE_FILE), "w") as f:
-        json.dump({**state, "optimizer_param_groups": sd["param_groups"], "optimizer_scalars": scalars,
-                   "scheduler": scheduler.state_dict()}, f)
+        json.dump(
+            {
+                **state,
+                "optimizer_param_groups": sd["param_groups"],
+                "optimizer_scalars": scalars,
+                "scheduler": scheduler.state_dict(),
+            },
+            f,
+        )
 
 
 def load_training_state(path: str, opt: torch.optim.Optimizer, scheduler, ema: EMA | None) -> dict:

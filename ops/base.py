@@ -51,7 +51,9 @@ def rows_to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
                     flat[i] = v
             columns.append(vectors_to_arrow(flat, d, valid))
         elif pa.types.is_list(f.type):
-            columns.append(pa.array([None if v is None else np.asarray(v, np.float32) for v in values], f.type))
+            columns.append(
+                pa.array([None if v is None else np.asarray(v, np.float32) for v in values], f.type)
+            )
         else:
             columns.append(pa.array(values, f.type))
     return pa.Table.from_arrays(columns, schema=schema)
@@ -86,8 +88,11 @@ class ImageRowsOp:
         for row in batch.to_pylist():
             if not row.get("reject_reason"):
                 try:
-                    images.append(tuple(load_image(row[u], self.s3, expected_sha256=row[h])
-                                        for u, h in self.image_columns))
+                    images.append(
+                        tuple(
+                            load_image(row[u], self.s3, expected_sha256=row[h]) for u, h in self.image_columns
+                        )
+                    )
                     good.append(row)
                     continue
                 except ImageRejected as e:

@@ -35,26 +35,37 @@ class CaptionOp(ImageRowsOp):
         longs = self.captioner.caption(first, c["prompt_long"], c["max_new_tokens_long"])
         given = [r.get("source_caption") if c["short_from_manifest"] else None for r in rows]
         need = [j for j, g in enumerate(given) if not g]
-        shorts = self.captioner.caption([first[j] for j in need], c["prompt_short"], c["max_new_tokens_short"]) \
-            if need else []
+        shorts = (
+            self.captioner.caption([first[j] for j in need], c["prompt_short"], c["max_new_tokens_short"])
+            if need
+            else []
+        )
         generated = dict(zip(need, shorts))
-        return [self._row(r) | {"caption_long": longs[j], "caption_short": generated.get(j, given[j]),
-                                "caption_short_source": "model" if j in generated else "manifest"}
-                for j, r in enumerate(rows)]
+        return [
+            self._row(r)
+            | {
+                "caption_long": longs[j],
+                "caption_short": generated.get(j, given[j]),
+                "caption_short_source": "model" if j in generated else "manifest",
+            }
+            for j, r in enumerate(rows)
+        ]
 
 
 # -- the vLLM backend's pieces (caption.backend: vllm; pipelines/caption.py wires them
 # around ray.data.llm). Plain functions of rows: no Ray, no vLLM here.
-REQUEST_SCHEMA = pa.schema([
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("sha256", pa.string()),
-    pa.field("kind", pa.string()),  # "long" or "short": which caption this request writes
-    pa.field("prompt", pa.string()),
-    pa.field("max_tokens", pa.int32()),
-    pa.field("image_url", pa.string()),  # the decoded, checked image as a PNG data URL
-    pa.field("source_caption", pa.string()),
-    pa.field("reject_reason", pa.string()),
-])
+REQUEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("sha256", pa.string()),
+        pa.field("kind", pa.string()),  # "long" or "short": which caption this request writes
+        pa.field("prompt", pa.string()),
+        pa.field("max_tokens", pa.int32()),
+        pa.field("image_url", pa.string()),  # the decoded, checked image as a PNG data URL
+        pa.field("source_caption", pa.string()),
+        pa.field("reject_reason", pa.string()),
+    ]
+)
 
 
 class CaptionRequestOp(ImageRowsOp):
@@ -80,12 +91,24 @@ class CaptionRequestOp(ImageRowsOp):
         for row, (image,) in zip(rows, images):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
-            base = {"image_id": row["image_id"], "sha256": row["sha256"], "source_caption": row.get("source_caption"),
-                    "image_url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
-            out.append({**base, "kind": "long", "prompt": c["prompt_long"], "max_tokens": c["max_new_tokens_long"]})
+            base = {
+                "image_id": row["image_id"],
+                "sha256": row["sha256"],
+                "source_caption": row.get("source_caption"),
+                "image_url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+            }
+            out.append(
+                {**base, "kind": "long", "prompt": c["prompt_long"], "max_tokens": c["max_new_tokens_long"]}
+            )
             if not (c["short_from_manifest"] and base["source_caption"]):
-                out.append({**base, "kind": "short", "prompt": c["prompt_short"],
-                            "max_tokens": c["max_new_tokens_short"]})
+                out.append(
+                    {
+                        **base,
+                        "kind": "short",
+                        "prompt": c["prompt_short"],
+                        "max_tokens": c["max_new_tokens_short"],
+                    }
+                )
         return out
 
 
@@ -93,26 +116,48 @@ def vllm_request(row: dict) -> dict:
     """A request row -> ray.data.llm's input: chat messages and greedy sampling (as the
     transformers backend decodes), the row's own columns carried through."""
     return dict(
-        messages=[{"role": "user", "content": [{"type": "image", "image": row["image_url"]},
-                                               {"type": "text", "text": row["prompt"]}]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": row["image_url"]},
+                    {"type": "text", "text": row["prompt"]},
+                ],
+            }
+        ],
         sampling_params=dict(temperature=0.0, max_tokens=int(row["max_tokens"])),
-        image_id=row["image_id"], sha256=row["sha256"], kind=row["kind"], source_caption=row["source_caption"],
+        image_id=row["image_id"],
+        sha256=row["sha256"],
+        kind=row["kind"],
+        source_caption=row["source_caption"],
     )
 
 
 def vllm_result(row: dict) -> dict:
     """ray.data.llm's output row -> (image_id, sha256, kind, text, source_caption, reject_reason)."""
-    return dict(image_id=row["image_id"], sha256=row["sha256"], kind=row["kind"],
-                text=(row.get("generated_text") or "").strip(), source_caption=row["source_caption"],
-                reject_reason=None)
+    return dict(
+        image_id=row["image_id"],
+        sha256=row["sha256"],
+        kind=row["kind"],
+        text=(row.get("generated_text") or "").strip(),
+        source_caption=row["source_caption"],
+        reject_reason=None,
+    )
 
 
 def captions_from_results(rows: list[dict], model_name: str) -> dict:
     """The results of one image (its long caption, its short one if generated, or its
     reject) -> its captions row, as CaptionOp writes it."""
     first = rows[0]
-    row = {"image_id": first["image_id"], "sha256": first["sha256"], "caption_long": None, "caption_short": None,
-           "caption_short_source": None, "model": model_name, "reject_reason": None}
+    row = {
+        "image_id": first["image_id"],
+        "sha256": first["sha256"],
+        "caption_long": None,
+        "caption_short": None,
+        "caption_short_source": None,
+        "model": model_name,
+        "reject_reason": None,
+    }
     rejected = [r["reject_reason"] for r in rows if r.get("reject_reason")]
     if rejected:
         row["reject_reason"] = rejected[0]
@@ -124,4 +169,3 @@ def captions_from_results(rows: list[dict], model_name: str) -> dict:
     else:
         row["caption_short"], row["caption_short_source"] = first["source_caption"], "manifest"
     return row
-

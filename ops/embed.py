@@ -71,6 +71,8 @@ class EmbedOp(ImageRowsOp):
         texts = [r["pair_text"] for r in rows]
         alone = self.embedder.embed(images=first).numpy()
         paired = self.embedder.embed(images=first, texts=texts).numpy()
-        return ([self._row(r, "image") | {"vector": v} for r, v in zip(rows, alone)]
-                + [self._row(r, "pair") | {"vector": v, "text": r["pair_text"], "caption_kind": r["pair_caption_kind"]}
-                   for r, v in zip(rows, paired)])
+        return [self._row(r, "image") | {"vector": v} for r, v in zip(rows, alone)] + [
+            self._row(r, "pair")
+            | {"vector": v, "text": r["pair_text"], "caption_kind": r["pair_caption_kind"]}
+            for r, v in zip(rows, paired)
+        ]

@@ -46,7 +46,9 @@ def probe_image(data: bytes, limits: ImageLimits) -> tuple[int, int]:
                 raise ImageRejected(f"too small: {width}x{height}, sides must be >= {limits.min_side}")
             if max(width, height) > limits.max_side or width * height > limits.max_pixels:
                 raise ImageRejected(
-                    f"too large: {width}x{height}, limits are {limits.max_side} a side and {limits.max_pixels} pixels")
+                    f"too large: {width}x{height}, limits are {limits.max_side} a side "
+                    f"and {limits.max_pixels} pixels"
+                )
             im.load()
     except ImageRejected:
         raise

@@ -5,13 +5,15 @@
 | full | Fusion-Diff: z_t sampled from the prior + Control-Adapter given c(T~) and z_{r,Delta} |
 | query_only | z_{r,Delta} = f_M(I_r, T_Delta) (Table 3, A) |
 | prior_only | z_t sampled from the Stage 1 prior given c(T~) alone (Table 3, B) |
-| joint | MVFT-JI: w z_{r,Delta} + (1 - w) f_M(T~); its inner product with a unit gallery vector is w cos(z_q, z_g) + (1 - w) cos(z(T~), z_g) |
+| joint | MVFT-JI: w z_{r,Delta} + (1 - w) f_M(T~); with a unit gallery vector z_g, the inner |
+|       | product is w cos(z_q, z_g) + (1 - w) cos(z(T~), z_g) |
 | text | a text-only query T (TIGeR): sampled from the prior given c(T), or f_M(T) |
 
 T~ is the describer's description of the target, written from the reference image and
 the modification with the paper's template (section 6.3), which names the shared
 concept when the query has one. Each op loads only the models its mode needs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,6 +36,7 @@ from ops.schemas import GALLERY, RANKINGS
 from ops.search import RunningTopK
 from ops.storage import filesystem, local_copy, read_bytes
 from ops.tables import TableReader
+
 
 class RankError(PipelineError):
     pass
@@ -73,13 +76,20 @@ def query_key(row: dict, versions: dict) -> str:
     return hashlib.sha256(json.dumps([inputs, versions], sort_keys=True).encode()).hexdigest()
 
 
-def resolve(batch: pa.Table, tables: TableReader, mode: str, versions: dict,
-            duplicate_ids: frozenset[str] = frozenset()) -> pa.Table:
+def resolve(
+    batch: pa.Table,
+    tables: TableReader,
+    mode: str,
+    versions: dict,
+    duplicate_ids: frozenset[str] = frozenset(),
+) -> pa.Table:
     """Adds reference_uri / reference_sha256 from `images` (by reference_id) or from the
     reference_uri's bytes, the query's key, and a reject_reason for queries that cannot
     run (an id the queries table repeats, `duplicate_ids`, rejects every row of it)."""
     rows = batch.to_pylist()
-    known = tables.lookup("images", [r["reference_id"] for r in rows if r.get("reference_id")], ["uri", "sha256"])
+    known = tables.lookup(
+        "images", [r["reference_id"] for r in rows if r.get("reference_id")], ["uri", "sha256"]
+    )
     out = []
     for r in rows:
         reason = None
@@ -94,8 +104,10 @@ def resolve(batch: pa.Table, tables: TableReader, mode: str, versions: dict,
             if r.get("reference_id"):
                 hit = known.get(r["reference_id"])
                 if hit is None:
-                    reason = (f"reference image {r['reference_id']!r} is not in the images table "
-                              f"(missing or rejected at ingest)")
+                    reason = (
+                        f"reference image {r['reference_id']!r} is not in the images table "
+                        f"(missing or rejected at ingest)"
+                    )
                 else:
                     ref_uri, ref_sha = hit["uri"], hit["sha256"]
             elif ref_uri:
@@ -105,17 +117,39 @@ def resolve(batch: pa.Table, tables: TableReader, mode: str, versions: dict,
                     reason = f"reference image: cannot read {ref_uri}: {e}"
             else:
                 reason = "no reference_id or reference_uri"
-        row = {"query_id": r.get("query_id") or "", "mode": mode, "reference_id": r.get("reference_id"),
-               "reference_uri": ref_uri, "reference_sha256": ref_sha, "modification_text": r.get("modification_text"),
-               "shared_concept": r.get("shared_concept"), "reject_reason": reason, "uri": ref_uri}
+        row = {
+            "query_id": r.get("query_id") or "",
+            "mode": mode,
+            "reference_id": r.get("reference_id"),
+            "reference_uri": ref_uri,
+            "reference_sha256": ref_sha,
+            "modification_text": r.get("modification_text"),
+            "shared_concept": r.get("shared_concept"),
+            "reject_reason": reason,
+            "uri": ref_uri,
+        }
         row["query_key"] = query_key(row, versions)
         out.append(row)
     return pa.Table.from_pylist(out, schema=RESOLVED_SCHEMA)
 
 
-RESOLVED_SCHEMA = pa.schema([(k, pa.string()) for k in (
-    "query_id", "mode", "reference_id", "reference_uri", "reference_sha256", "modification_text", "shared_concept",
-    "reject_reason", "uri", "query_key")])
+RESOLVED_SCHEMA = pa.schema(
+    [
+        (k, pa.string())
+        for k in (
+            "query_id",
+            "mode",
+            "reference_id",
+            "reference_uri",
+            "reference_sha256",
+            "modification_text",
+            "shared_concept",
+            "reject_reason",
+            "uri",
+            "query_key",
+        )
+    ]
+)
 
 
 class QueryOp(ImageRowsOp):
@@ -141,7 +175,9 @@ class QueryOp(ImageRowsOp):
         self.describer = Captioner(load_mllm_from_conf(models["describer"])) if "describer" in use else None
         emb = models["embedder"]
         self.embedder = FusedEmbedder.from_conf(emb) if "embedder" in use else None
-        self.encoder = load_text_encoder_from_conf(models["text_encoder"], emb) if "text_encoder" in use else None
+        self.encoder = (
+            load_text_encoder_from_conf(models["text_encoder"], emb) if "text_encoder" in use else None
+        )
         self.prior = self.adapter = None
         device = torch.device(rank["device"])
         self._cache = tempfile.mkdtemp(prefix="cirpipe-checkpoints-")
@@ -157,8 +193,15 @@ class QueryOp(ImageRowsOp):
 
     def _describe(self, images, rows) -> list[str]:
         r = self.rank
-        prompts = [describe_prompt(r["describe_template"], r["describe_template_no_concept"],
-                                   row["modification_text"], row.get("shared_concept")) for row in rows]
+        prompts = [
+            describe_prompt(
+                r["describe_template"],
+                r["describe_template_no_concept"],
+                row["modification_text"],
+                row.get("shared_concept"),
+            )
+            for row in rows
+        ]
         return self.describer.generate(images, prompts, r["describe_max_new_tokens"])
 
     def _sample(self, texts: list[str], z_query: torch.Tensor | None, keys: list[str]) -> torch.Tensor:
@@ -166,8 +209,9 @@ class QueryOp(ImageRowsOp):
         device = self.prior.device
         generators = [torch.Generator().manual_seed(self.seed + int(k[:8], 16)) for k in keys]
         zq = None if z_query is None else z_query.to(device)
-        z = self.sampler.sample(self.prior, c.to(device, self.prior.dtype), m.to(device), self.adapter, zq,
-                                generator=generators)
+        z = self.sampler.sample(
+            self.prior, c.to(device, self.prior.dtype), m.to(device), self.adapter, zq, generator=generators
+        )
         return z.float().cpu()
 
     def vectors(self, images: list, rows: list[dict]) -> tuple[torch.Tensor, list[str | None]]:
@@ -178,7 +222,11 @@ class QueryOp(ImageRowsOp):
             if self.prior is not None:
                 return self._sample(texts, None, keys).view(len(rows), -1, self.dim), texts
             return self.embedder.embed(texts=texts).unsqueeze(1), texts
-        zq = self.embedder.embed(images=images, texts=texts) if mode in ("full", "query_only", "joint") else None
+        zq = (
+            self.embedder.embed(images=images, texts=texts)
+            if mode in ("full", "query_only", "joint")
+            else None
+        )
         if mode == "query_only":
             return zq.unsqueeze(1), [None] * len(rows)
         desc = self._describe(images, rows)
@@ -198,7 +246,9 @@ class QueryOp(ImageRowsOp):
         return [r | {"mode": self.mode, "description": d, "vector": x} for r, d, x in zip(rows, desc, flat)]
 
 
-RESULT_SCHEMA = pa.schema([RANKINGS.field(n) for n in ("query_id", "rank", "image_id", "score", "description")])
+RESULT_SCHEMA = pa.schema(
+    [RANKINGS.field(n) for n in ("query_id", "rank", "image_id", "score", "description")]
+)
 
 
 class GallerySearch:
@@ -214,11 +264,18 @@ class GallerySearch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [r for r in batch.to_pylist() if not r.get("reject_reason")]
-        cached = self.tables.lookup("query_vectors", [r["query_id"] for r in rows],
-                                    ["query_key", "description", "vector"], key="query_id",
-                                    where=f"mode = '{self.mode}'")
-        live = [(r, cached[r["query_id"]]) for r in rows
-                if r["query_id"] in cached and cached[r["query_id"]]["query_key"] == r["query_key"]]
+        cached = self.tables.lookup(
+            "query_vectors",
+            [r["query_id"] for r in rows],
+            ["query_key", "description", "vector"],
+            key="query_id",
+            where=f"mode = '{self.mode}'",
+        )
+        live = [
+            (r, cached[r["query_id"]])
+            for r in rows
+            if r["query_id"] in cached and cached[r["query_id"]]["query_key"] == r["query_key"]
+        ]
         out = {name: [] for name in RESULT_SCHEMA.names}
         if not live:
             return pa.table(out, schema=RESULT_SCHEMA)
@@ -231,14 +288,21 @@ class GallerySearch:
                 if image_id is None or not np.isfinite(score):
                     continue
                 rank += 1
-                for k, v in (("query_id", r["query_id"]), ("rank", rank), ("image_id", image_id),
-                             ("score", float(score)), ("description", c["description"])):
+                for k, v in (
+                    ("query_id", r["query_id"]),
+                    ("rank", rank),
+                    ("image_id", image_id),
+                    ("score", float(score)),
+                    ("description", c["description"]),
+                ):
                     out[k].append(v)
         return pa.table(out, schema=RESULT_SCHEMA)
 
     def _exact(self, q: np.ndarray, exclude: list) -> tuple[np.ndarray, np.ndarray]:
         topk = RunningTopK(q, self.k, exclude)
-        for b in self.tables.scan("embeddings", ["image_id", "vector"], filter=GALLERY, batch_size=self.block):
+        for b in self.tables.scan(
+            "embeddings", ["image_id", "vector"], filter=GALLERY, batch_size=self.block
+        ):
             if b.num_rows:
                 vec = b.column("vector").values.to_numpy(zero_copy_only=False).reshape(b.num_rows, -1)
                 topk.add(b.column("image_id").to_pylist(), vec)
@@ -251,8 +315,9 @@ class GallerySearch:
         for samples, ex in zip(q, exclude):
             best: dict[str, float] = {}
             for v in samples:
-                for image_id, score in self.tables.nearest("embeddings", v, self.k + 1, GALLERY,
-                                                           self.index["nprobes"], self.index["refine_factor"]):
+                for image_id, score in self.tables.nearest(
+                    "embeddings", v, self.k + 1, GALLERY, self.index["nprobes"], self.index["refine_factor"]
+                ):
                     if image_id != ex:
                         best[image_id] = max(best.get(image_id, -np.inf), score)
             top = sorted(best.items(), key=lambda kv: -kv[1])[: self.k]

@@ -1,4 +1,4 @@
-"""The data contracts: the Arrow schema of every table the stages write (DESIGN.md)."""
+"""The data contracts: the Arrow schema of every table the stages write (README, "Running the stages")."""
 from __future__ import annotations
 
 import pyarrow as pa

@@ -35,13 +35,22 @@ def keep_changed(batch: pa.Table, tables: TableReader, table: str, compare: dict
     so nothing of the table is collected anywhere.
     """
     ids = batch.column(key).to_pylist()
-    existing = tables.lookup(table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where)
+    existing = tables.lookup(
+        table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where
+    )
     batch_cols = {c: batch.column(c).to_pylist() for c in compare.values()}
-    rejects = batch.column("reject_reason").to_pylist() if "reject_reason" in batch.schema.names else [None] * len(ids)
+    rejects = (
+        batch.column("reject_reason").to_pylist()
+        if "reject_reason" in batch.schema.names
+        else [None] * len(ids)
+    )
     keep = []
     for n, row_key in enumerate(ids):
         row = existing.get(row_key)
-        same = row is not None and all(row[t] == batch_cols[b][n] for t, b in compare.items()) \
+        same = (
+            row is not None
+            and all(row[t] == batch_cols[b][n] for t, b in compare.items())
             and all(row[t] == v for t, v in (constants or {}).items())
+        )
         keep.append(rejects[n] is not None or not same)
     return batch.filter(pa.array(np.array(keep, dtype=bool)))

@@ -69,15 +69,22 @@ class TripletEmbedOp(ImageRowsOp):
         self.schema = staged_schema(model["dim"])
 
     def _row(self, row: dict) -> dict:
-        return {k: row.get(k) for k in self.schema.names if k not in ("z_query", "z_target", "cond_tokens", "cond_len")} \
-            | {"model": self.model_name, "text_encoder": self.encoder_name}
+        return {
+            k: row.get(k)
+            for k in self.schema.names
+            if k not in ("z_query", "z_target", "cond_tokens", "cond_len")
+        } | {"model": self.model_name, "text_encoder": self.encoder_name}
 
     def rejected(self, row: dict) -> list[dict]:
         return [self._row(row)]
 
     def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
-        zq = self.embedder.embed(images=[im[0] for im in images], texts=[r["instruction"] for r in rows]).numpy()
-        zt = self.embedder.embed(images=[im[1] for im in images], texts=[r["target_description"] for r in rows]).numpy()
+        zq = self.embedder.embed(
+            images=[im[0] for im in images], texts=[r["instruction"] for r in rows]
+        ).numpy()
+        zt = self.embedder.embed(
+            images=[im[1] for im in images], texts=[r["target_description"] for r in rows]
+        ).numpy()
         out = [self._row(r) | {"z_query": q, "z_target": t} for r, q, t in zip(rows, zq, zt)]
         if self.encoder is not None:
             tokens, mask = self.encoder.encode([r["cond_text"] for r in rows])

@@ -49,15 +49,21 @@ def run(ctx: RunContext) -> str:
         print(ctx.lines[-1], flush=True)
     results = {}
     for mode in e.modes:
-        summary = STAGES["rank"].run(ctx.with_settings(run_id=f"{e.benchmark}-{mode}-{stamp}", **{"rank.mode": mode}))
+        summary = STAGES["rank"].run(
+            ctx.with_settings(run_id=f"{e.benchmark}-{mode}-{stamp}", **{"rank.mode": mode})
+        )
         ctx.lines.append(summary.line())
         print(ctx.lines[-1], flush=True)
-        results[mode] = evaluate.evaluate(b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3)))
+        results[mode] = evaluate.evaluate(
+            b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3))
+        )
     md = markdown(e.benchmark, e.split, results)
     write_bytes(f"{e.out_dir}/results.md", md.encode(), dict(cfg.storage.s3))
     write_bytes(f"{e.out_dir}/results.json", json.dumps(results, indent=1).encode(), dict(cfg.storage.s3))
     ctx.page_header = html_table(md)
     page = STAGES["report"].run(ctx).note
     print(md)
-    return (f"[benchmark] {e.benchmark} {e.split}: table at {e.out_dir}/results.md, {page} "
-            f"in {time.monotonic() - t0:.1f}s")
+    return (
+        f"[benchmark] {e.benchmark} {e.split}: table at {e.out_dir}/results.md, {page} "
+        f"in {time.monotonic() - t0:.1f}s"
+    )

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ops.caption import OUTPUT_SCHEMA, CaptionOp, CaptionRequestOp, captions_from_results, vllm_request, vllm_result
+from ops.caption import (
+    OUTPUT_SCHEMA,
+    CaptionOp,
+    CaptionRequestOp,
+    captions_from_results,
+    vllm_request,
+    vllm_result,
+)
 from ops.schemas import CAPTIONS
 from ops.tables import keep_changed
 from pipelines.common import any_rows, begin_model_stage, map_with_model, read_table, stage_and_commit
@@ -16,8 +23,10 @@ def check_backend(cfg) -> None:
     import importlib.util
 
     if cfg.caption.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("caption.backend=vllm needs the vllm package (in the image the cluster runs); "
-                          "it is not installed here: use caption.backend=transformers")
+        raise ConfigError(
+            "caption.backend=vllm needs the vllm package (in the image the cluster runs); "
+            "it is not installed here: use caption.backend=transformers"
+        )
 
 
 def vllm_processor(cfg):
@@ -29,9 +38,16 @@ def vllm_processor(cfg):
     v = cfg.caption.vllm
     config = vLLMEngineProcessorConfig(
         model_source=cfg.models.captioner.name_or_path,
-        engine_kwargs={"dtype": cfg.models.captioner.dtype, "max_model_len": v.max_model_len,
-                       "limit_mm_per_prompt": {"image": 1}, **plain(v.engine_kwargs)},
-        batch_size=v.batch_size, concurrency=cfg.caption.num_actors, prepare_multimodal_stage=True)
+        engine_kwargs={
+            "dtype": cfg.models.captioner.dtype,
+            "max_model_len": v.max_model_len,
+            "limit_mm_per_prompt": {"image": 1},
+            **plain(v.engine_kwargs),
+        },
+        batch_size=v.batch_size,
+        concurrency=cfg.caption.num_actors,
+        prepare_multimodal_stage=True,
+    )
     return build_processor(config, preprocess=vllm_request, postprocess=vllm_result)
 
 
@@ -43,12 +59,17 @@ def _with_vllm(ctx: RunContext, todo, processor=None):
     requests = map_with_model(todo, ctx, CaptionRequestOp, "caption", use_gpus=False)
     ok = requests.filter(lambda r: r["reject_reason"] is None)
     rejected = requests.filter(lambda r: r["reject_reason"] is not None).map(
-        lambda r: {k: r[k] for k in ("image_id", "sha256", "kind", "source_caption", "reject_reason")} | {"text": None})
+        lambda r: (
+            {k: r[k] for k in ("image_id", "sha256", "kind", "source_caption", "reject_reason")}
+            | {"text": None}
+        )
+    )
     results = (processor or vllm_processor(cfg))(ok).union(rejected)
     name = cfg.models.captioner.name_or_path
     return results.groupby("image_id").map_groups(
         lambda b: pa.Table.from_pylist([captions_from_results(b.to_pylist(), name)], schema=OUTPUT_SCHEMA),
-        batch_format="pyarrow")
+        batch_format="pyarrow",
+    )
 
 
 def run(ctx: RunContext) -> Summary:
@@ -58,9 +79,15 @@ def run(ctx: RunContext) -> Summary:
         return Summary("caption")
     lake = ctx.lake
     todo = read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"]).map_batches(
-        keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-            tables=lake, table="captions", compare={"sha256": "sha256"},
-            constants={"model": ctx.cfg.models.captioner.name_or_path}))
+        keep_changed,
+        batch_format="pyarrow",
+        fn_kwargs=dict(
+            tables=lake,
+            table="captions",
+            compare={"sha256": "sha256"},
+            constants={"model": ctx.cfg.models.captioner.name_or_path},
+        ),
+    )
     if not any_rows(todo):
         summary.skipped = summary.read
         return summary

@@ -69,13 +69,23 @@ def read_queries(ctx: RunContext) -> ray.data.Dataset:
                          optional=OPTIONAL_QUERY_COLUMNS, what="queries")
 
 
-def duplicate_ids(ds: ray.data.Dataset, key: str, partitions: int, rows: int, local_max_rows: int) -> frozenset[str]:
+def duplicate_ids(
+    ds: ray.data.Dataset, key: str, partitions: int, rows: int, local_max_rows: int
+) -> frozenset[str]:
     """Values of `key` that occur more than once: counted on the driver for small tables,
     else by a distributed count of which only the repeats reach the driver."""
     if rows <= local_max_rows:
-        ids = pa.concat_arrays([r.column(key).combine_chunks().cast(pa.string())
-                                for r in ray.get(ds.select_columns([key]).to_arrow_refs()) if r.num_rows]) \
-            if rows else pa.array([], pa.string())
+        ids = (
+            pa.concat_arrays(
+                [
+                    r.column(key).combine_chunks().cast(pa.string())
+                    for r in ray.get(ds.select_columns([key]).to_arrow_refs())
+                    if r.num_rows
+                ]
+            )
+            if rows
+            else pa.array([], pa.string())
+        )
         counts = pc.value_counts(ids)
         repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
         return frozenset(str(i) for i in repeated if i not in (None, ""))
@@ -84,8 +94,11 @@ def duplicate_ids(ds: ray.data.Dataset, key: str, partitions: int, rows: int, lo
     def repeats(t: pa.Table) -> pa.Table:
         return t.filter(pc.greater(t.column(t.schema.names[-1]), 1)).select([key])
 
-    return frozenset(str(r[key]) for r in counts.map_batches(repeats, batch_format="pyarrow").take_all()
-                     if r[key] not in (None, ""))
+    return frozenset(
+        str(r[key])
+        for r in counts.map_batches(repeats, batch_format="pyarrow").take_all()
+        if r[key] not in (None, "")
+    )
 
 
 def any_rows(ds: ray.data.Dataset) -> bool:
@@ -95,22 +108,39 @@ def any_rows(ds: ray.data.Dataset) -> bool:
     return ds.limit(1).count() > 0
 
 
-def map_with_model(ds: ray.data.Dataset, ctx: RunContext, op, section: str, use_gpus: bool = True,
-                   **kwargs) -> ray.data.Dataset:
+def map_with_model(
+    ds: ray.data.Dataset, ctx: RunContext, op, section: str, use_gpus: bool = True, **kwargs
+) -> ray.data.Dataset:
     """`op(ctx.conf, ctx.lake, **kwargs)` on a pool of `<section>.num_actors` actors, each
     with the section's batch size, CPUs and (unless use_gpus is false) GPUs; refused at
     once if the cluster lacks them."""
     s = ctx.cfg[section]
     gpus = s.get("num_gpus_per_actor", 0) if use_gpus else 0
-    ctx.require(f"{section} (each of {s.num_actors} actors)", s.num_cpus_per_actor, gpus,
-                f"{section}.num_cpus_per_actor / num_gpus_per_actor")
-    return ds.map_batches(op, fn_constructor_args=(ctx.conf, ctx.lake), fn_constructor_kwargs=kwargs,
-                          compute=ray.data.ActorPoolStrategy(size=s.num_actors), batch_size=s.batch_size,
-                          batch_format="pyarrow", num_cpus=s.num_cpus_per_actor, num_gpus=gpus)
+    ctx.require(
+        f"{section} (each of {s.num_actors} actors)",
+        s.num_cpus_per_actor,
+        gpus,
+        f"{section}.num_cpus_per_actor / num_gpus_per_actor",
+    )
+    return ds.map_batches(
+        op,
+        fn_constructor_args=(ctx.conf, ctx.lake),
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
+        batch_size=s.batch_size,
+        batch_format="pyarrow",
+        num_cpus=s.num_cpus_per_actor,
+        num_gpus=gpus,
+    )
 
 
-def begin_model_stage(ctx: RunContext, stage: str, source: str = "images", source_filter: str | None = None,
-                      needs: str = "ingest") -> Summary | None:
+def begin_model_stage(
+    ctx: RunContext,
+    stage: str,
+    source: str = "images",
+    source_filter: str | None = None,
+    needs: str = "ingest",
+) -> Summary | None:
     """The summary of a stage that runs a model over the table `source`, with its rows
     counted; None when that table is empty (the stage before, `needs`, has not run)."""
     ctx.start_ray()
@@ -129,8 +159,11 @@ def check_embedder(ctx: RunContext, table: str = "embeddings", column: str = "ve
     from ops.embed import check_embedder_dim
 
     model = ctx.cfg.models.embedder
-    check_embedder_dim(model.name_or_path, AutoConfig.from_pretrained(model.name_or_path).get_text_config().hidden_size,
-                       model.dim)
+    check_embedder_dim(
+        model.name_or_path,
+        AutoConfig.from_pretrained(model.name_or_path).get_text_config().hidden_size,
+        model.dim,
+    )
     ds = ctx.lake.open(table)
     if ds is not None:
         check_vector_dim(ds, model.dim, ctx.lake.uri(table), column)
@@ -141,12 +174,14 @@ def write_staging(ds, lake: Lake, stage: str, schema) -> None:
     import lance_ray
 
     lake.clear_staging(stage)
-    lance_ray.write_lance(ds, lake.staging_uri(stage), schema=schema, mode="create",
-                          storage_options=lake.storage_options)
+    lance_ray.write_lance(
+        ds, lake.staging_uri(stage), schema=schema, mode="create", storage_options=lake.storage_options
+    )
 
 
-def stage_and_commit(ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema,
-                     reject_key: str = "image_id") -> dict[str, int]:
+def stage_and_commit(
+    ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema, reject_key: str = "image_id"
+) -> dict[str, int]:
     """Writes a stage's output to its staging dataset, then commits it to `table` and
     `rejects` (pipelines.lake.commit) and empties the staging."""
     write_staging(ds, lake, stage, staged_schema)

@@ -33,9 +33,13 @@ def run(ctx: RunContext) -> Summary:
             tables=lake, table="stage1_examples", compare={"sha256": "sha256", "text": "text"},
             constants={"text_encoder": encoder}))
     staged = map_with_model(todo, ctx, ConditionOp, "conditions", text_column="text").map_batches(
-        _label, batch_format="pyarrow", fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names))
-    counts = stage_and_commit(staged, lake, "conditions", schema.append(REJECT_REASON), "stage1_examples",
-                              ["image_id"], schema)
+        _label,
+        batch_format="pyarrow",
+        fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names),
+    )
+    counts = stage_and_commit(
+        staged, lake, "conditions", schema.append(REJECT_REASON), "stage1_examples", ["image_id"], schema
+    )
     summary.written = counts["written"]
     summary.skipped = summary.read - summary.written
     return summary

@@ -35,7 +35,9 @@ def _check_keys(node: Any, base: Any, where: str, path: str = "") -> None:
     """Every key of `node` must exist in `base`, and hold a value of the same type."""
     if isinstance(base, DictConfig):
         if not isinstance(node, DictConfig):
-            raise ConfigError(f"{where}: {path or 'the config'} must be a mapping (like conf/base.yaml), got {node!r}")
+            raise ConfigError(
+                f"{where}: {path or 'the config'} must be a mapping (like conf/base.yaml), got {node!r}"
+            )
         if len(base) == 0:
             return  # an empty mapping in base.yaml is free-form (arguments passed through to a library)
         for key in node.keys():
@@ -89,8 +91,11 @@ def _parse_override(arg: str) -> DictConfig:
         raise ConfigError(f"override {arg!r}: {e}") from None
 
 
-def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
-                overrides: Sequence[str] = (), schemas: Sequence[Path] = (BASE,)) -> DictConfig:
+def load_config(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    overrides: Sequence[str] = (),
+    schemas: Sequence[Path] = (BASE,),
+) -> DictConfig:
     """Base < deployment file(s) `paths`, in order < `overrides` (key=value), checked and resolved.
 
     Several files layer like overrides: a benchmark's file holds only what it changes
@@ -147,8 +152,10 @@ def one_of(*values) -> Rule:
 
 
 def each_of(*values) -> Rule:
-    return Rule("a list of " + ", ".join(map(str, values)),
-                lambda v: isinstance(v, (list, ListConfig)) and all(x in values for x in v))
+    return Rule(
+        "a list of " + ", ".join(map(str, values)),
+        lambda v: isinstance(v, (list, ListConfig)) and all(x in values for x in v),
+    )
 
 
 def at_least(lo) -> Rule:
@@ -167,8 +174,10 @@ def below_one() -> Rule:
     return Rule("in [0, 1)", lambda v: 0 <= v < 1)
 
 
-DEVICE = Rule("cpu, cuda or cuda:<n>", lambda v: v == "cpu" or v == "cuda" or
-              (v.startswith("cuda:") and v[5:].isdigit()))
+DEVICE = Rule(
+    "cpu, cuda or cuda:<n>",
+    lambda v: v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()),
+)
 POSITIVE = at_least(1)
 COUNT = at_least(0)
 PROBABILITY = between(0, 1)
@@ -181,12 +190,17 @@ NIGHTLY_STAGES = tuple(name for name in STAGES if name != "synth")
 RULES: dict[str, Rule] = {
     "seed": COUNT,
     "ray.num_cpus": POSITIVE,
-    "images.min_side": POSITIVE, "images.max_side": POSITIVE, "images.max_pixels": POSITIVE,
-    "synthetic.num_images": POSITIVE, "synthetic.image_size": at_least(16), "synthetic.num_triplets": COUNT,
+    "images.min_side": POSITIVE,
+    "images.max_side": POSITIVE,
+    "images.max_pixels": POSITIVE,
+    "synthetic.num_images": POSITIVE,
+    "synthetic.image_size": at_least(16),
+    "synthetic.num_triplets": COUNT,
     "synthetic.num_queries": COUNT,
     "models.*.dtype": one_of("float32", "float16", "bfloat16"),
     "models.*.device": DEVICE,
-    "models.*.image_min_pixels": POSITIVE, "models.*.image_max_pixels": POSITIVE,
+    "models.*.image_min_pixels": POSITIVE,
+    "models.*.image_max_pixels": POSITIVE,
     "models.*.attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
     "models.*.preprocess_threads": POSITIVE,
     "models.embedder.overlap_parts": POSITIVE,
@@ -200,15 +214,18 @@ RULES: dict[str, Rule] = {
     "*.num_gpus_per_actor": COUNT,
     "ingest.duplicate_check_partitions": POSITIVE,
     "ingest.duplicate_check_local_max_rows": COUNT,
-    "caption.max_new_tokens_long": POSITIVE, "caption.max_new_tokens_short": POSITIVE,
+    "caption.max_new_tokens_long": POSITIVE,
+    "caption.max_new_tokens_short": POSITIVE,
     "caption.backend": one_of("transformers", "vllm"),
     "caption.kv_cache": one_of("dynamic", "static", "static_compiled"),
-    "caption.vllm.batch_size": POSITIVE, "caption.vllm.max_model_len": POSITIVE,
+    "caption.vllm.batch_size": POSITIVE,
+    "caption.vllm.max_model_len": POSITIVE,
     "embed.pair_short_fraction": PROBABILITY,
     "prior.*": above(0),
     "diffusion.num_train_timesteps": POSITIVE,
     "diffusion.beta_schedule": one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
-    "diffusion.beta_start": above(0), "diffusion.beta_end": above(0),
+    "diffusion.beta_start": above(0),
+    "diffusion.beta_end": above(0),
     "diffusion.p_cfg": PROBABILITY,
     "diffusion.embedding_scale": at_least(0),
     "sampling.sampler": one_of("dpmsolver++", "ddpm"),
@@ -225,16 +242,27 @@ RULES: dict[str, Rule] = {
     "train.compile": one_of("none", "default", "max-autotune-no-cudagraphs"),
     "train.micro_batch_size": COUNT,
     "train.text_conditions": one_of("worker", "precomputed"),
-    "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE, "train.max_failures": COUNT,
-    "train.log_every": POSITIVE, "train.shuffle_buffer": COUNT,
-    "train_stage*.lr": above(0), "train_stage*.weight_decay": at_least(0), "train_stage*.adam_eps": above(0),
-    "train_stage*.grad_clip": above(0), "train_stage*.warmup_steps": COUNT,
+    "train.checkpoint_every": POSITIVE,
+    "train.keep_checkpoints": POSITIVE,
+    "train.max_failures": COUNT,
+    "train.log_every": POSITIVE,
+    "train.shuffle_buffer": COUNT,
+    "train_stage*.lr": above(0),
+    "train_stage*.weight_decay": at_least(0),
+    "train_stage*.adam_eps": above(0),
+    "train_stage*.grad_clip": above(0),
+    "train_stage*.warmup_steps": COUNT,
     "train_stage*.lr_schedule": one_of("cosine", "constant"),
-    "train_stage*.epochs": POSITIVE, "train_stage*.max_steps": COUNT, "train_stage*.ema_decay": below_one(),
+    "train_stage*.epochs": POSITIVE,
+    "train_stage*.max_steps": COUNT,
+    "train_stage*.ema_decay": below_one(),
     "train_stage2.condition_text": one_of("instruction", "description"),
     "index.kind": one_of("IVF_PQ", "IVF_HNSW_SQ"),
-    "index.num_partitions": COUNT, "index.num_sub_vectors": COUNT, "index.min_rows": POSITIVE,
-    "index.nprobes": POSITIVE, "index.refine_factor": POSITIVE,
+    "index.num_partitions": COUNT,
+    "index.num_sub_vectors": COUNT,
+    "index.min_rows": POSITIVE,
+    "index.nprobes": POSITIVE,
+    "index.refine_factor": POSITIVE,
     "rank.mode": one_of(*RANK_MODES),
     "rank.text_query": one_of("prior", "embedding"),
     "rank.joint_weight": PROBABILITY,
@@ -242,8 +270,11 @@ RULES: dict[str, Rule] = {
     "rank.search": one_of("exact", "ann"),
     "rank.describe_max_new_tokens": POSITIVE,
     "rank.device": DEVICE,
-    "rank.search_batch_size": POSITIVE, "rank.gallery_block": POSITIVE,
-    "report.num_queries": POSITIVE, "report.top_k": POSITIVE, "report.thumbnail_size": at_least(16),
+    "rank.search_batch_size": POSITIVE,
+    "rank.gallery_block": POSITIVE,
+    "report.num_queries": POSITIVE,
+    "report.top_k": POSITIVE,
+    "report.thumbnail_size": at_least(16),
     "nightly.stages": each_of(*NIGHTLY_STAGES),
     "eval.benchmark": one_of("cirr", "fashioniq", "circo"),
     "eval.modes": each_of(*RANK_MODES),
@@ -252,6 +283,7 @@ RULES: dict[str, Rule] = {
 
 def _matching(cfg, pattern: str):
     """(key, value) pairs of the leaves of `cfg` that `pattern` names."""
+
     def walk(node, parts, path):
         if not parts:
             yield path, node
@@ -265,6 +297,7 @@ def _matching(cfg, pattern: str):
                 continue
             if k in node:
                 yield from walk(node[k], rest, f"{path}.{k}" if path else str(k))
+
     yield from walk(cfg, pattern.split("."), "")
 
 
@@ -277,8 +310,13 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
             broken.append((f"{stage}.batch_size", b, f"a multiple of train.num_workers={w}"))
     for name, m in cfg.models.items():
         if isinstance(m, DictConfig) and "image_max_pixels" in m and m.image_max_pixels < m.image_min_pixels:
-            broken.append((f"models.{name}.image_max_pixels", m.image_max_pixels,
-                           f">= models.{name}.image_min_pixels={m.image_min_pixels}"))
+            broken.append(
+                (
+                    f"models.{name}.image_max_pixels",
+                    m.image_max_pixels,
+                    f">= models.{name}.image_min_pixels={m.image_min_pixels}",
+                )
+            )
     p = cfg.prior
     if p.map_size % p.patch_size:
         broken.append(("prior.map_size", p.map_size, f"a multiple of prior.patch_size={p.patch_size}"))
@@ -286,7 +324,9 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
         broken.append(("prior.hidden_size", p.hidden_size, f"a multiple of prior.num_heads={p.num_heads}"))
     sub = cfg.index.num_sub_vectors
     if sub and cfg.models.embedder.dim % sub:
-        broken.append(("index.num_sub_vectors", sub, f"a divisor of models.embedder.dim={cfg.models.embedder.dim}"))
+        broken.append(
+            ("index.num_sub_vectors", sub, f"a divisor of models.embedder.dim={cfg.models.embedder.dim}")
+        )
     if cfg.images.max_side < cfg.images.min_side:
         broken.append(("images.max_side", cfg.images.max_side, f">= images.min_side={cfg.images.min_side}"))
     return broken
@@ -318,4 +358,3 @@ def _show(value) -> str:
 def plain(node) -> dict:
     """A config section as a plain dict, as ops take it (ops know nothing of OmegaConf)."""
     return OmegaConf.to_container(node, resolve=True)
-

@@ -54,8 +54,10 @@ class Summary:
     def line(self) -> str:
         secs = self.seconds if self.seconds is not None else time.monotonic() - self.started
         more = "".join(f", {k.replace('_', ' ')} {_show(v)}" for k, v in self.extra.items())
-        return (f"[{self.stage}] read {self.read}, written {self.written}, skipped as unchanged {self.skipped}, "
-                f"rejected {self.rejected}{more} in {secs:.1f}s" + (f"; {self.note}" if self.note else ""))
+        return (
+            f"[{self.stage}] read {self.read}, written {self.written}, skipped as unchanged {self.skipped}, "
+            f"rejected {self.rejected}{more} in {secs:.1f}s" + (f"; {self.note}" if self.note else "")
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -116,12 +118,18 @@ class RunContext:
         if self.cfg.ray.autoscaling:
             return
         have = ray.cluster_resources()
-        short = [(n, need, have.get(n, 0.0)) for n, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(n, 0.0)]
+        short = [
+            (n, need, have.get(n, 0.0))
+            for n, need in (("CPU", cpus), ("GPU", gpus))
+            if need > have.get(n, 0.0)
+        ]
         if short:
             asked = ", ".join(f"{need:g} {n}" for n, need, _ in short)
             there = ", ".join(f"{got:g} {n}" for n, _, got in short)
-            raise ResourceError(f"{what} asks for {asked} ({key}) but the Ray cluster has {there}: "
-                                f"lower the request or run on a cluster that has them")
+            raise ResourceError(
+                f"{what} asks for {asked} ({key}) but the Ray cluster has {there}: "
+                f"lower the request or run on a cluster that has them"
+            )
 
 
 def init_ray(cfg) -> None:

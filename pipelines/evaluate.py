@@ -75,8 +75,15 @@ def load_cirr(root: str, split: str, image_root: str, s3: dict | None = None) ->
         target = c.get("target_hard") if split != "test1" else None
         if split != "test1" and target is None:
             raise AnnotationError(f"{cap_path}: entry {i} has no field 'target_hard'")
-        b.queries.append({"query_id": qid, "reference_id": ref, "modification_text": _field(c, "caption", cap_path, i),
-                          "shared_concept": None, "target_id": target})
+        b.queries.append(
+            {
+                "query_id": qid,
+                "reference_id": ref,
+                "modification_text": _field(c, "caption", cap_path, i),
+                "shared_concept": None,
+                "target_id": target,
+            }
+        )
         b.truth[qid] = {"target": target, "reference": ref, "members": list(members)}
     return b
 
@@ -86,7 +93,9 @@ def join_fashioniq_captions(captions: list[str]) -> str:
     return " and ".join(parts)
 
 
-def load_fashioniq(root: str, split: str, image_root: str, s3: dict | None = None, image_ext: str = ".png") -> Benchmark:
+def load_fashioniq(
+    root: str, split: str, image_root: str, s3: dict | None = None, image_ext: str = ".png"
+) -> Benchmark:
     b = Benchmark("fashioniq", split)
     seen = set()
     for cat in FASHIONIQ_CATEGORIES:
@@ -106,9 +115,15 @@ def load_fashioniq(root: str, split: str, image_root: str, s3: dict | None = Non
             target = c.get("target") if split != "test" else None
             if split != "test" and target is None:
                 raise AnnotationError(f"{cap_path}: entry {i} has no field 'target'")
-            b.queries.append({"query_id": qid, "reference_id": ref,
-                              "modification_text": join_fashioniq_captions(captions), "shared_concept": cat,
-                              "target_id": target})
+            b.queries.append(
+                {
+                    "query_id": qid,
+                    "reference_id": ref,
+                    "modification_text": join_fashioniq_captions(captions),
+                    "shared_concept": cat,
+                    "target_id": target,
+                }
+            )
             b.truth[qid] = {"target": target, "reference": ref, "category": cat, "gallery": set(asins)}
     return b
 
@@ -121,18 +136,28 @@ def load_circo(root: str, split: str, image_root: str, s3: dict | None = None) -
         raise AnnotationError(f"{ann_path}: expected a list of queries")
     images = _field(info, "images", gallery_path, "(top level)")
     b = Benchmark("circo", split)
-    b.gallery = [{"image_id": str(_field(im, "id", gallery_path, n)),
-                  "uri": f"{image_root.rstrip('/')}/COCO2017_unlabeled/unlabeled2017/{_field(im, 'file_name', gallery_path, n)}"}
-                 for n, im in enumerate(images)]
+    b.gallery = [
+        {
+            "image_id": str(_field(im, "id", gallery_path, n)),
+            "uri": f"{image_root.rstrip('/')}/COCO2017_unlabeled/unlabeled2017/"
+            f"{_field(im, 'file_name', gallery_path, n)}",
+        }
+        for n, im in enumerate(images)
+    ]
     for i, a in enumerate(anns):
         qid = str(_field(a, "id", ann_path, i))
         gt = a.get("gt_img_ids") if split != "test" else None
         if split != "test" and gt is None:
             raise AnnotationError(f"{ann_path}: entry {i} has no field 'gt_img_ids'")
-        b.queries.append({"query_id": qid, "reference_id": str(_field(a, "reference_img_id", ann_path, i)),
-                          "modification_text": _field(a, "relative_caption", ann_path, i),
-                          "shared_concept": _field(a, "shared_concept", ann_path, i),
-                          "target_id": str(gt[0]) if gt else None})
+        b.queries.append(
+            {
+                "query_id": qid,
+                "reference_id": str(_field(a, "reference_img_id", ann_path, i)),
+                "modification_text": _field(a, "relative_caption", ann_path, i),
+                "shared_concept": _field(a, "shared_concept", ann_path, i),
+                "target_id": str(gt[0]) if gt else None,
+            }
+        )
         b.truth[qid] = {"gt": [str(g) for g in gt] if gt else None}
     return b
 
@@ -140,7 +165,9 @@ def load_circo(root: str, split: str, image_root: str, s3: dict | None = None) -
 def load(name: str, root: str, split: str, image_root: str, s3: dict | None = None) -> Benchmark:
     if name not in BENCHMARKS:
         raise AnnotationError(f"unknown benchmark {name!r}: expected one of {', '.join(BENCHMARKS)}")
-    return {"cirr": load_cirr, "fashioniq": load_fashioniq, "circo": load_circo}[name](root, split, image_root, s3)
+    return {"cirr": load_cirr, "fashioniq": load_fashioniq, "circo": load_circo}[name](
+        root, split, image_root, s3
+    )
 
 
 def read_rankings(path: str, s3: dict | None = None) -> dict[str, list[str]]:
@@ -162,8 +189,10 @@ def read_rankings(path: str, s3: dict | None = None) -> dict[str, list[str]]:
 def _check_covered(b: Benchmark, rankings: dict) -> None:
     missing = [q for q in b.truth if q not in rankings]
     if missing:
-        raise MetricsError(f"the rankings miss {len(missing)} of {len(b.truth)} {b.name} queries, e.g. "
-                           f"{', '.join(missing[:10])}")
+        raise MetricsError(
+            f"the rankings miss {len(missing)} of {len(b.truth)} {b.name} queries, e.g. "
+            f"{', '.join(missing[:10])}"
+        )
 
 
 def evaluate(b: Benchmark, rankings: dict[str, list[str]]) -> dict[str, float]:
@@ -173,7 +202,9 @@ def evaluate(b: Benchmark, rankings: dict[str, list[str]]) -> dict[str, float]:
         targets = {q: t["target"] for q, t in b.truth.items()}
         refs = {q: t["reference"] for q, t in b.truth.items()}
         r = recall_at(rankings, targets, (1, 5, 10, 50), exclude=refs)
-        rs = recall_subset_at(rankings, targets, {q: t["members"] for q, t in b.truth.items()}, refs, (1, 2, 3))
+        rs = recall_subset_at(
+            rankings, targets, {q: t["members"] for q, t in b.truth.items()}, refs, (1, 2, 3)
+        )
         return {**{f"R@{k}": v for k, v in r.items()}, **{f"Rs@{k}": v for k, v in rs.items()}}
     if b.name == "fashioniq":
         out = {}
@@ -184,13 +215,17 @@ def evaluate(b: Benchmark, rankings: dict[str, list[str]]) -> dict[str, float]:
             r = recall_at(ranked, {q: t["target"] for q, t in qs.items()}, (10, 50))
             out.update({f"{cat}_R@{k}": v for k, v in r.items()})
         for k in (10, 50):
-            out[f"avg_R@{k}"] = sum(out[f"{c}_R@{k}"] for c in FASHIONIQ_CATEGORIES) / len(FASHIONIQ_CATEGORIES)
+            out[f"avg_R@{k}"] = sum(out[f"{c}_R@{k}"] for c in FASHIONIQ_CATEGORIES) / len(
+                FASHIONIQ_CATEGORIES
+            )
         return out
     m = map_at(rankings, {q: t["gt"] for q, t in b.truth.items()}, (5, 10, 25, 50))
     return {f"mAP@{k}": v for k, v in m.items()}
 
 
-def submission(b: Benchmark, rankings: dict[str, list[str]], out_dir: str, s3: dict | None = None) -> list[str]:
+def submission(
+    b: Benchmark, rankings: dict[str, list[str]], out_dir: str, s3: dict | None = None
+) -> list[str]:
     """The test server's files: CIRR's recall (top 50) and recall_subset (top 3) JSONs,
     CIRCO's query id -> 50 unique image ids. Returns their paths."""
     _check_covered(b, rankings)
@@ -202,8 +237,10 @@ def submission(b: Benchmark, rankings: dict[str, list[str]], out_dir: str, s3: d
             recall[q] = ranked[:50]
             members = set(t["members"]) - {t["reference"]}
             subset[q] = [i for i in ranked if i in members][:3]
-        files = {f"{out_dir}/recall_submission_cirr.json": recall,
-                 f"{out_dir}/recall_subset_submission_cirr.json": subset}
+        files = {
+            f"{out_dir}/recall_submission_cirr.json": recall,
+            f"{out_dir}/recall_subset_submission_cirr.json": subset,
+        }
     elif b.name == "circo":
         map_at(rankings, {q: ["_"] for q in b.truth}, (50,))  # refuses duplicates, like the server
         files = {f"{out_dir}/circo_submission.json": {q: rankings[q][:50] for q in b.truth}}
@@ -216,18 +253,29 @@ def submission(b: Benchmark, rankings: dict[str, list[str]], out_dir: str, s3: d
 
 def main(args) -> int:
     """The `evaluate` command (arguments parsed by pipelines/__main__.py)."""
-    b = load(args.benchmark, args.annotations, args.split, args.image_root or os.path.join(args.annotations, "images"))
+    b = load(
+        args.benchmark,
+        args.annotations,
+        args.split,
+        args.image_root or os.path.join(args.annotations, "images"),
+    )
     rankings = read_rankings(args.rankings)
     if args.submission:
         for path in submission(b, rankings, args.submission):
             print(f"[evaluate] wrote {path}")
     if not all(t.get("target") or t.get("gt") for t in b.truth.values()):
-        print(f"[evaluate] {args.benchmark} {args.split} has no ground truth: metrics are the test server's to compute")
+        print(
+            f"[evaluate] {args.benchmark} {args.split} has no ground truth: "
+            "metrics are the test server's to compute"
+        )
         return 0
     metrics = evaluate(b, rankings)
     write_bytes(args.out, (json.dumps(metrics, indent=1) + "\n").encode(), None)
-    print(f"[evaluate] {args.benchmark} {args.split}, {len(b.truth)} queries: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f"; written to {args.out}")
+    print(
+        f"[evaluate] {args.benchmark} {args.split}, {len(b.truth)} queries: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        + f"; written to {args.out}"
+    )
     return 0
 
 

@@ -20,7 +20,9 @@ def run(ctx: RunContext) -> Summary:
     ds = lake.open("embeddings")
     summary = Summary("index", read=0 if ds is None else ds.count_rows(filter=GALLERY))
     if summary.read < ix.min_rows:
-        summary.note = f"no index (fewer than index.min_rows={ix.min_rows} gallery vectors; rank searches exactly)"
+        summary.note = (
+            f"no index (fewer than index.min_rows={ix.min_rows} gallery vectors; rank searches exactly)"
+        )
         return summary
     table = lancedb.connect(lake.root, storage_options=lake.storage_options).open_table("embeddings")
     summary.written = summary.read
@@ -30,8 +32,13 @@ def run(ctx: RunContext) -> Summary:
         return summary
     dim = ctx.cfg.models.embedder.dim
     partitions = ix.num_partitions or max(1, int(math.sqrt(summary.read)))
-    kwargs = dict(metric="cosine", vector_column_name="vector", index_type=ix.kind, num_partitions=partitions,
-                  replace=True)
+    kwargs = dict(
+        metric="cosine",
+        vector_column_name="vector",
+        index_type=ix.kind,
+        num_partitions=partitions,
+        replace=True,
+    )
     if ix.kind == "IVF_PQ":
         # The config's rules checked that a set num_sub_vectors divides the dimension.
         kwargs["num_sub_vectors"] = ix.num_sub_vectors or max(1, dim // 16)

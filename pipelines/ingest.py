@@ -18,13 +18,22 @@ def run(ctx: RunContext) -> Summary:
     summary.read = manifest.count()
     dups = duplicate_ids(manifest, "image_id", cfg.ingest.duplicate_check_partitions, summary.read,
                          cfg.ingest.duplicate_check_local_max_rows)
-    staged = (
-        manifest.map_batches(
-            IngestOp, fn_constructor_args=(ctx.conf, lake), fn_constructor_kwargs=dict(duplicate_ids=dups),
-            compute=ray.data.ActorPoolStrategy(size=cfg.ingest.num_actors), batch_size=cfg.ingest.batch_size,
-            batch_format="pyarrow", num_cpus=1)
-        .map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-            tables=lake, table="images", compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"}))
+    staged = manifest.map_batches(
+        IngestOp,
+        fn_constructor_args=(ctx.conf, lake),
+        fn_constructor_kwargs=dict(duplicate_ids=dups),
+        compute=ray.data.ActorPoolStrategy(size=cfg.ingest.num_actors),
+        batch_size=cfg.ingest.batch_size,
+        batch_format="pyarrow",
+        num_cpus=1,
+    ).map_batches(
+        keep_changed,
+        batch_format="pyarrow",
+        fn_kwargs=dict(
+            tables=lake,
+            table="images",
+            compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"},
+        ),
     )
     counts = stage_and_commit(staged, lake, "ingest", OUTPUT_SCHEMA, "images", ["image_id"], IMAGES)
     summary.written, summary.rejected = counts["written"], counts["rejected"]

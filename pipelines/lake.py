@@ -84,14 +84,21 @@ class Lake:
         if where:
             q = q.where(where, prefilter=True)
         hits = q.nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["image_id"]).to_arrow()
-        return [(i, 1.0 - d) for i, d in zip(hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist())]
+        return [
+            (i, 1.0 - d)
+            for i, d in zip(hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist())
+        ]
 
 
 def open_dataset(uri: str, storage_options: dict) -> lance.LanceDataset | None:
     try:
         return lance.dataset(uri, storage_options=storage_options)
     except (ValueError, FileNotFoundError, OSError) as e:
-        if "not found" in str(e).lower() or "does not exist" in str(e).lower() or isinstance(e, FileNotFoundError):
+        if (
+            "not found" in str(e).lower()
+            or "does not exist" in str(e).lower()
+            or isinstance(e, FileNotFoundError)
+        ):
             return None
         raise
 
@@ -101,8 +108,13 @@ def sql_in(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({quoted})"
 
 
-def lookup(ds: lance.LanceDataset | None, ids: Sequence[str], columns: Sequence[str],
-           key: str = "image_id", where: str | None = None) -> dict[str, dict]:
+def lookup(
+    ds: lance.LanceDataset | None,
+    ids: Sequence[str],
+    columns: Sequence[str],
+    key: str = "image_id",
+    where: str | None = None,
+) -> dict[str, dict]:
     """Rows of `ds` whose key is in `ids`, as key -> row; one scan with a pushed-down filter."""
     if ds is None or len(ids) == 0:
         return {}
@@ -114,12 +126,15 @@ def lookup(ds: lance.LanceDataset | None, ids: Sequence[str], columns: Sequence[
 def check_vector_dim(ds: lance.LanceDataset, expected: int, table: str, column: str = "vector") -> None:
     found = vector_dim(ds.schema, column)
     if found != expected:
-        raise TableError(f"table {table!r} holds vectors of size {found}, but models.embedder.dim is {expected}: "
-                         f"a different embedder wrote it; point storage.root elsewhere or fix the config")
+        raise TableError(
+            f"table {table!r} holds vectors of size {found}, but models.embedder.dim is {expected}: "
+            f"a different embedder wrote it; point storage.root elsewhere or fix the config"
+        )
 
 
-def commit(lake: Lake, stage: str, table: str, keys: Sequence[str], schema: pa.Schema,
-           reject_key: str = "image_id") -> dict[str, int]:
+def commit(
+    lake: Lake, stage: str, table: str, keys: Sequence[str], schema: pa.Schema, reject_key: str = "image_id"
+) -> dict[str, int]:
     """Merge the stage's staged rows into `table` (good rows) and `rejects` (the rest)."""
     staged = open_dataset(lake.staging_uri(stage), lake.storage_options)
     counts = {"written": 0, "rejected": 0}
@@ -134,12 +149,19 @@ def commit(lake: Lake, stage: str, table: str, keys: Sequence[str], schema: pa.S
         cols = [reject_key, "reject_reason"] + ([uri_col] if uri_col else [])
         for batch in staged.scanner(columns=cols, filter="reject_reason IS NOT NULL").to_batches():
             n = batch.num_rows
-            keys_ = pc.if_else(pc.equal(batch[reject_key], ""), pa.array(["<empty image_id>"] * n), batch[reject_key])
-            yield pa.record_batch([
-                pa.array([stage] * n), keys_.cast(pa.string()),
-                batch[uri_col] if uri_col else pa.nulls(n, pa.string()),
-                batch["reject_reason"], pa.array([now.as_py()] * n, type=REJECTS.field("run_at").type),
-            ], schema=REJECTS)
+            keys_ = pc.if_else(
+                pc.equal(batch[reject_key], ""), pa.array(["<empty image_id>"] * n), batch[reject_key]
+            )
+            yield pa.record_batch(
+                [
+                    pa.array([stage] * n),
+                    keys_.cast(pa.string()),
+                    batch[uri_col] if uri_col else pa.nulls(n, pa.string()),
+                    batch["reject_reason"],
+                    pa.array([now.as_py()] * n, type=REJECTS.field("run_at").type),
+                ],
+                schema=REJECTS,
+            )
 
     _upsert(lake, "rejects", ["stage", "key"], REJECTS, pa.RecordBatchReader.from_batches(REJECTS, rejects()))
     # Every rejected input row counts, even where several share a key (empty ids).
@@ -164,7 +186,9 @@ def _dedupe_keys(reader: pa.RecordBatchReader, keys: Sequence[str]) -> pa.Record
     return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
-def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, reader: pa.RecordBatchReader) -> int:
+def _upsert(
+    lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, reader: pa.RecordBatchReader
+) -> int:
     reader = _dedupe_keys(reader.cast(schema), keys)
     counter = {"n": 0}
 
@@ -176,8 +200,9 @@ def _upsert(lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, read
     source = pa.RecordBatchReader.from_batches(schema, counted())
     ds = lake.open(table)
     if ds is None:
-        lance.write_dataset(source, lake.uri(table), schema=schema, mode="create",
-                            storage_options=lake.storage_options)
+        lance.write_dataset(
+            source, lake.uri(table), schema=schema, mode="create", storage_options=lake.storage_options
+        )
         ds = lake.open(table)
     else:
         if ds.schema.remove_metadata() != schema.remove_metadata():
@@ -195,5 +220,7 @@ def _has_index(ds: lance.LanceDataset, column: str) -> bool:
 
 def has_vector_index(ds: lance.LanceDataset | None) -> bool:
     """Whether the `index` stage has built its vector index on `vector`."""
-    return ds is not None and any("vector" in idx.field_names and idx.index_type.upper().startswith("IVF")
-                                  for idx in ds.describe_indices())
+    return ds is not None and any(
+        "vector" in idx.field_names and idx.index_type.upper().startswith("IVF")
+        for idx in ds.describe_indices()
+    )

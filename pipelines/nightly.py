@@ -35,11 +35,19 @@ def run(cfg, stages: list[str] | None = None) -> dict:
     t0 = time.monotonic()
     state = load_state(cfg)
     if state and state.get("status") == "running" and state.get("stages") == stages:
-        print(f"[nightly] resuming run {state['run_id']} at stage "
-              f"{next(s for s in stages if s not in state['done'])} ({', '.join(state['done']) or 'none'} done)")
+        print(
+            f"[nightly] resuming run {state['run_id']} at stage "
+            f"{next(s for s in stages if s not in state['done'])} ({', '.join(state['done']) or 'none'} done)"
+        )
     else:
-        state = {"run_id": cfg.rank.run_id or new_run_id(), "stages": stages, "status": "running", "done": [],
-                 "summaries": {}, "seconds": {}}
+        state = {
+            "run_id": cfg.rank.run_id or new_run_id(),
+            "stages": stages,
+            "status": "running",
+            "done": [],
+            "summaries": {},
+            "seconds": {},
+        }
         _save_state(cfg, state)
     ctx = RunContext.create(cfg, state["run_id"])
     ctx.lines.extend(Summary.from_dict(d).line() for d in state["summaries"].values())
@@ -60,6 +68,9 @@ def run(cfg, stages: list[str] | None = None) -> dict:
         _save_state(cfg, state)
     state["status"] = "finished"
     _save_state(cfg, state)
-    print(f"[nightly] run {state['run_id']} done in {time.monotonic() - t0:.1f}s: "
-          + ", ".join(f"{s} {state['seconds'].get(s, 0)}s" for s in stages), flush=True)
+    print(
+        f"[nightly] run {state['run_id']} done in {time.monotonic() - t0:.1f}s: "
+        + ", ".join(f"{s} {state['seconds'].get(s, 0)}s" for s in stages),
+        flush=True,
+    )
     return state

@@ -33,7 +33,14 @@ from ops.rank import RESULT_SCHEMA, GallerySearch, QueryOp, RankError, file_dige
 from ops.schemas import GALLERY, RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
 from ops.storage import filesystem, is_s3, read_json
 from ops.tables import keep_changed
-from pipelines.common import any_rows, duplicate_ids, map_with_model, read_queries, stage_and_commit, write_staging
+from pipelines.common import (
+    any_rows,
+    duplicate_ids,
+    map_with_model,
+    read_queries,
+    stage_and_commit,
+    write_staging,
+)
 from pipelines.context import RunContext, Summary
 from pipelines.lake import Lake, TableError, has_vector_index
 
@@ -52,28 +59,49 @@ def run(ctx: RunContext) -> Summary:
     use = needs(cfg.rank.mode, cfg.rank.text_query)
     checkpoints = checkpoint_uris(ctx, use)
     versions = model_versions(ctx, use)
-    repeated = duplicate_ids(queries, "query_id", cfg.ingest.duplicate_check_partitions, summary.read,
-                             cfg.ingest.duplicate_check_local_max_rows)
+    repeated = duplicate_ids(
+        queries,
+        "query_id",
+        cfg.ingest.duplicate_check_partitions,
+        summary.read,
+        cfg.ingest.duplicate_check_local_max_rows,
+    )
     # Resolved once (each reference read and hashed once), then used by both steps.
-    resolved = queries.map_batches(resolve, batch_format="pyarrow", fn_kwargs=dict(
-        tables=lake, mode=cfg.rank.mode, versions=versions, duplicate_ids=repeated)).materialize()
+    resolved = queries.map_batches(
+        resolve,
+        batch_format="pyarrow",
+        fn_kwargs=dict(tables=lake, mode=cfg.rank.mode, versions=versions, duplicate_ids=repeated),
+    ).materialize()
     counts = query_vectors(ctx, resolved, checkpoints)
     summary.rejected = counts["rejected"]
-    summary.extra.update(computed=counts["written"], reused=summary.read - counts["written"] - counts["rejected"])
+    summary.extra.update(
+        computed=counts["written"], reused=summary.read - counts["written"] - counts["rejected"]
+    )
     staged = search(ctx, resolved, search_kind)
     summary.extra["rows"] = 0 if staged is None else staged.count_rows()
     if summary.extra["rows"] == 0:
         lake.clear_staging("rank_results")
-        raise RankError(f"no query could be ranked ({summary.rejected} rejected: see the rejects table); "
-                        f"nothing was written for run {ctx.run_id}")
+        raise RankError(
+            f"no query could be ranked ({summary.rejected} rejected: see the rejects table); "
+            f"nothing was written for run {ctx.run_id}"
+        )
     summary.written = len(set(staged.to_table(columns=["query_id"]).column("query_id").to_pylist()))
     run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    provenance = {"run_id": ctx.run_id, "run_date": run_date, "mode": cfg.rank.mode,
-                  "prior_version": versions.get("prior"), "adapter_version": versions.get("adapter"),
-                  "embedder": cfg.models.embedder.name_or_path,
-                  "config_hash": _digest({**versions, "rank": {k: x for k, x in ctx.conf["rank"].items()
-                                                               if k != "run_id"},
-                                          "index": ctx.conf["index"] if search_kind == "ann" else None})}
+    provenance = {
+        "run_id": ctx.run_id,
+        "run_date": run_date,
+        "mode": cfg.rank.mode,
+        "prior_version": versions.get("prior"),
+        "adapter_version": versions.get("adapter"),
+        "embedder": cfg.models.embedder.name_or_path,
+        "config_hash": _digest(
+            {
+                **versions,
+                "rank": {k: x for k, x in ctx.conf["rank"].items() if k != "run_id"},
+                "index": ctx.conf["index"] if search_kind == "ann" else None,
+            }
+        ),
+    }
     summary.note = f"run {ctx.run_id}; " + publish(lake, staged, provenance)
     summary.outputs["parquet"] = rankings_parquet_uri(lake, run_date, ctx.run_id)
     lake.clear_staging("rank_results")
@@ -86,10 +114,14 @@ def check_gallery(ctx: RunContext) -> str:
     lake, dim = ctx.lake, ctx.cfg.models.embedder.dim
     gallery = lake.open("embeddings")
     if gallery is None or gallery.count_rows(filter=GALLERY) == 0:
-        raise RankError(f"the gallery is empty: {lake.uri('embeddings')} has no vectors of kind image; run embed first")
+        raise RankError(
+            f"the gallery is empty: {lake.uri('embeddings')} has no vectors of kind image; run embed first"
+        )
     if vector_dim(gallery.schema) != dim:
-        raise TableError(f"the gallery's vectors have size {vector_dim(gallery.schema)} but models.embedder.dim "
-                         f"is {dim}: refusing to rank")
+        raise TableError(
+            f"the gallery's vectors have size {vector_dim(gallery.schema)} but models.embedder.dim "
+            f"is {dim}: refusing to rank"
+        )
     if ctx.cfg.rank.search == "ann" and not has_vector_index(gallery):
         print(f"[rank] no vector index on {lake.uri('embeddings')} (run `index`): searching exactly")
         return "exact"
@@ -106,17 +138,22 @@ def checkpoint_uris(ctx: RunContext, use: set[str]) -> dict:
     cond_dim = text_encoder_dim(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
     found = read_json(f"{cfg.train_stage1.output.rstrip('/')}/config.json", s3)
     if found is None:
-        raise CheckpointMismatch(f"no prior checkpoint at {cfg.train_stage1.output}: run train_stage1 first "
-                                 f"(or point train_stage1.output at one)")
+        raise CheckpointMismatch(
+            f"no prior checkpoint at {cfg.train_stage1.output}: run train_stage1 first "
+            f"(or point train_stage1.output at one)"
+        )
     if found.get("d_vl") != d_vl:
-        raise CheckpointMismatch(f"the gallery's vectors have size {d_vl} but the prior at "
-                                 f"{cfg.train_stage1.output} was trained on d_vl={found.get('d_vl')}: "
-                                 f"they come from different embedders")
+        raise CheckpointMismatch(
+            f"the gallery's vectors have size {d_vl} but the prior at "
+            f"{cfg.train_stage1.output} was trained on d_vl={found.get('d_vl')}: "
+            f"they come from different embedders"
+        )
     out = {"prior": cfg.train_stage1.output, "expected_prior": {"d_vl": d_vl, "cond_dim": cond_dim}}
     if "adapter" in use:
         if read_json(f"{cfg.train_stage2.output.rstrip('/')}/config.json", s3) is None:
-            raise CheckpointMismatch(f"no Control-Adapter checkpoint at {cfg.train_stage2.output}: "
-                                     f"run train_stage2 first")
+            raise CheckpointMismatch(
+                f"no Control-Adapter checkpoint at {cfg.train_stage2.output}: run train_stage2 first"
+            )
         out["adapter"] = cfg.train_stage2.output
     return out
 
@@ -126,15 +163,22 @@ def model_versions(ctx: RunContext, use: set[str]) -> dict:
     cfg, conf, m = ctx.cfg, ctx.conf, ctx.cfg.models
     out = {"mode": cfg.rank.mode, "seed": cfg.seed}
     if "describer" in use:
-        out.update(describer=m.describer.name_or_path, template=cfg.rank.describe_template,
-                   template_nc=cfg.rank.describe_template_no_concept, tokens=cfg.rank.describe_max_new_tokens)
+        out.update(
+            describer=m.describer.name_or_path,
+            template=cfg.rank.describe_template,
+            template_nc=cfg.rank.describe_template_no_concept,
+            tokens=cfg.rank.describe_max_new_tokens,
+        )
     if "embedder" in use:
         out.update(embedder=m.embedder.name_or_path, instruction=m.embedder.instruction)
     if "text_encoder" in use:
         out.update(text_encoder=[m.text_encoder.kind, m.text_encoder.name_or_path, m.text_encoder.max_tokens])
     if "prior" in use:
-        out.update(prior=file_digest(f"{cfg.train_stage1.output.rstrip('/')}/{SAFETENSORS}", ctx.lake.s3),
-                   sampling=conf["sampling"], diffusion=conf["diffusion"])
+        out.update(
+            prior=file_digest(f"{cfg.train_stage1.output.rstrip('/')}/{SAFETENSORS}", ctx.lake.s3),
+            sampling=conf["sampling"],
+            diffusion=conf["diffusion"],
+        )
     if "adapter" in use:
         out["adapter"] = file_digest(f"{cfg.train_stage2.output.rstrip('/')}/{SAFETENSORS}", ctx.lake.s3)
     if cfg.rank.mode == "joint":
@@ -152,22 +196,41 @@ def query_vectors(ctx: RunContext, resolved: ray.data.Dataset, checkpoints: dict
     samples = cfg.sampling.samples_per_query if ("prior" in use and cfg.sampling.aggregation == "none") else 1
     schema = query_vectors_schema(samples * cfg.models.embedder.dim)
     staged_schema = schema.append(REJECT_REASON).append(pa.field("uri", pa.string()))
-    todo = resolved.map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(
-        tables=lake, table="query_vectors", key="query_id", compare={"query_key": "query_key"},
-        where=f"mode = '{cfg.rank.mode}'"))
+    todo = resolved.map_batches(
+        keep_changed,
+        batch_format="pyarrow",
+        fn_kwargs=dict(
+            tables=lake,
+            table="query_vectors",
+            key="query_id",
+            compare={"query_key": "query_key"},
+            where=f"mode = '{cfg.rank.mode}'",
+        ),
+    )
     if not any_rows(todo):
         return {"written": 0, "rejected": 0}
     staged = map_with_model(todo, ctx, QueryOp, "rank", checkpoints=checkpoints, schema=staged_schema)
-    return stage_and_commit(staged, lake, "rank", staged_schema, "query_vectors", ["query_id", "mode"], schema,
-                            reject_key="query_id")
+    return stage_and_commit(
+        staged,
+        lake,
+        "rank",
+        staged_schema,
+        "query_vectors",
+        ["query_id", "mode"],
+        schema,
+        reject_key="query_id",
+    )
 
 
 def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lance.LanceDataset | None:
     """Every ranked query's top-k, staged as a Lance dataset (rank_results; None: no rows)."""
     results = resolved.map_batches(
-        GallerySearch, fn_constructor_args=(ctx.conf, ctx.lake, search_kind),
-        compute=ray.data.ActorPoolStrategy(size=1), batch_size=ctx.cfg.rank.search_batch_size,
-        batch_format="pyarrow")
+        GallerySearch,
+        fn_constructor_args=(ctx.conf, ctx.lake, search_kind),
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=ctx.cfg.rank.search_batch_size,
+        batch_format="pyarrow",
+    )
     write_staging(results, ctx.lake, "rank_results", RESULT_SCHEMA)
     return ctx.lake.open_staging("rank_results")
 
@@ -179,9 +242,17 @@ def _digest(obj) -> str:
 def _with_provenance(reader, provenance: dict):
     for b in reader:
         n = b.num_rows
-        cols = {name: (b.column(name) if name in b.schema.names else pa.array([provenance[name]] * n, RANKINGS.field(name).type))
-                for name in RANKINGS.names}
-        yield pa.record_batch([cols[n_].cast(RANKINGS.field(n_).type) for n_ in RANKINGS.names], schema=RANKINGS)
+        cols = {
+            name: (
+                b.column(name)
+                if name in b.schema.names
+                else pa.array([provenance[name]] * n, RANKINGS.field(name).type)
+            )
+            for name in RANKINGS.names
+        }
+        yield pa.record_batch(
+            [cols[n_].cast(RANKINGS.field(n_).type) for n_ in RANKINGS.names], schema=RANKINGS
+        )
 
 
 def rankings_parquet_uri(lake: Lake, run_date: str, run_id: str) -> str:
@@ -215,8 +286,15 @@ def publish(lake: Lake, staged, provenance: dict) -> str:
     source = pa.RecordBatchReader.from_batches(RANKINGS, _with_provenance(staged.to_batches(), provenance))
     table = lake.open("rankings")
     if table is None:
-        lance.write_dataset(source, lake.uri("rankings"), schema=RANKINGS, storage_options=lake.storage_options)
+        lance.write_dataset(
+            source, lake.uri("rankings"), schema=RANKINGS, storage_options=lake.storage_options
+        )
     else:
-        (table.merge_insert(["run_id", "query_id", "rank"]).when_matched_update_all().when_not_matched_insert_all()
-         .when_not_matched_by_source_delete(f"run_id = '{run_id}'").execute(source))
+        (
+            table.merge_insert(["run_id", "query_id", "rank"])
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .when_not_matched_by_source_delete(f"run_id = '{run_id}'")
+            .execute(source)
+        )
     return f"rankings at {uri} and {lake.uri('rankings')}"

@@ -24,30 +24,60 @@ class Stage:
         return fn(ctx).done()
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("synth", "draw the synthetic world: catalogue images, manifest, triplets, queries (and the demo's models)",
-          "synthetic"),
-    Stage("ingest", "manifest -> images table", "ingest"),
-    Stage("caption", "images -> captions table (only images without a caption for their bytes)", "caption"),
-    Stage("embed", "images + captions -> embeddings table (kinds image and pair)", "embed"),
-    Stage("triplets", "edit triplets -> triplet_embeddings (Stage 2's inputs, incremental)", "triplets"),
-    Stage("conditions", "pairs -> stage1_examples with text tokens (train.text_conditions: precomputed)",
-          "conditions"),
-    Stage("train_stage1", "Ray Train: the prior on embeddings[pair] (resumes its run)", "train", "run_stage1"),
-    Stage("train_stage2", "Ray Train: the Control-Adapter on triplet_embeddings, prior frozen", "train",
-          "run_stage2"),
-    Stage("index", "the LanceDB vector index over the gallery (built or refreshed)", "index"),
-    Stage("rank", "queries -> top-k gallery images in the lake's rankings (rank.mode picks the method)", "rank"),
-    Stage("report", "the results page of the run: sample queries, their top images, the stages' lines", "report"),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "synth",
+            "draw the synthetic world: catalogue images, manifest, triplets, queries (and the demo's models)",
+            "synthetic",
+        ),
+        Stage("ingest", "manifest -> images table", "ingest"),
+        Stage(
+            "caption", "images -> captions table (only images without a caption for their bytes)", "caption"
+        ),
+        Stage("embed", "images + captions -> embeddings table (kinds image and pair)", "embed"),
+        Stage("triplets", "edit triplets -> triplet_embeddings (Stage 2's inputs, incremental)", "triplets"),
+        Stage(
+            "conditions",
+            "pairs -> stage1_examples with text tokens (train.text_conditions: precomputed)",
+            "conditions",
+        ),
+        Stage(
+            "train_stage1",
+            "Ray Train: the prior on embeddings[pair] (resumes its run)",
+            "train",
+            "run_stage1",
+        ),
+        Stage(
+            "train_stage2",
+            "Ray Train: the Control-Adapter on triplet_embeddings, prior frozen",
+            "train",
+            "run_stage2",
+        ),
+        Stage("index", "the LanceDB vector index over the gallery (built or refreshed)", "index"),
+        Stage(
+            "rank",
+            "queries -> top-k gallery images in the lake's rankings (rank.mode picks the method)",
+            "rank",
+        ),
+        Stage(
+            "report",
+            "the results page of the run: sample queries, their top images, the stages' lines",
+            "report",
+        ),
+    )
+}
 
 # Commands that are not stages: they run stages (nightly, demo, benchmark) or read files.
 COMMANDS = {
     "nightly": "the stages of nightly.stages in order, resuming a killed run at its stage",
     "demo": "synth, then `nightly` on conf/demo.yaml (the whole DAG, training included), then `benchmark`",
     "evaluate": "metrics (and test-server files) of a rankings file on CIRR, FashionIQ or CIRCO",
-    "benchmark": "a benchmark end to end (conf/eval/*.yaml): its images through the stages, every rank mode, metrics",
+    "benchmark": "a benchmark end to end (conf/eval/*.yaml): its images through the stages, every rank mode, "
+    "metrics",
 }
 
-# Modules that hold a stage or a command: none of them imports another (tests/test_layout.py).
-STAGE_MODULES = sorted({s.module for s in STAGES.values()} | {"nightly", "benchmark", "evaluate"})
+# Modules that hold a stage or a command that runs stages: none of them imports another
+# (tests/test_layout.py). `evaluate` is the benchmarks' formats and metrics, a library.
+STAGE_MODULES = sorted({s.module for s in STAGES.values()} | {"nightly", "benchmark"})

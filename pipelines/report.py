@@ -23,9 +23,11 @@ from pipelines.context import RunContext, Summary
 from pipelines.lake import TableError, lookup, sql_in
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
-td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}td.top{white-space:nowrap}figure{display:inline-block;margin:0 6px;text-align:center}
+td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}td.top{white-space:nowrap}
+figure{display:inline-block;margin:0 6px;text-align:center}
 figure img{display:block;border:3px solid transparent}figure.target img{border-color:#1a9850}
-figcaption{font-size:11px}.desc{max-width:260px;font-size:12px;color:#555}pre{background:#f6f6f6;padding:8px}"""
+figcaption{font-size:11px}.desc{max-width:260px;font-size:12px;color:#555}
+pre{background:#f6f6f6;padding:8px}"""
 
 
 def _thumb(uri: str, s3: dict, size: int) -> bytes | None:
@@ -41,7 +43,8 @@ def _thumb(uri: str, s3: dict, size: int) -> bytes | None:
 
 def _figure(src: str | None, caption: str, target: bool) -> str:
     img = f'<img src="{html.escape(src)}" alt="{html.escape(caption)}">' if src else "<div>(missing)</div>"
-    return f'<figure class="{"target" if target else ""}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    css = "target" if target else ""
+    return f'<figure class="{css}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def run(ctx: RunContext) -> Summary:
@@ -62,10 +65,17 @@ def write(ctx: RunContext, queries_table: pa.Table) -> str:
         raise TableError(f"no rankings table at {lake.uri('rankings')}: run rank first")
     qids = sorted(queries_table.column("query_id").to_pylist())[: r.num_queries]
     queries = {row["query_id"]: row for row in queries_table.to_pylist() if row["query_id"] in set(qids)}
-    rows = rankings.to_table(filter=f"run_id = '{run_id}' AND rank <= {r.top_k} AND " + sql_in("query_id", qids)) \
-        if qids else None
+    rows = (
+        rankings.to_table(filter=f"run_id = '{run_id}' AND rank <= {r.top_k} AND " + sql_in("query_id", qids))
+        if qids
+        else None
+    )
     by_query: dict[str, list[dict]] = {}
-    for row in (rows.sort_by([("query_id", "ascending"), ("rank", "ascending")]).to_pylist() if rows is not None else []):
+    for row in (
+        rows.sort_by([("query_id", "ascending"), ("rank", "ascending")]).to_pylist()
+        if rows is not None
+        else []
+    ):
         by_query.setdefault(row["query_id"], []).append(row)
     image_ids = {x["image_id"] for v in by_query.values() for x in v}
     image_ids |= {q.get("reference_id") for q in queries.values() if q.get("reference_id")}
@@ -81,26 +91,42 @@ def write(ctx: RunContext, queries_table: pa.Table) -> str:
         q, ranked = queries[qid], by_query.get(qid, [])
         ref = q.get("reference_id")
         desc = ranked[0]["description"] if ranked and ranked[0]["description"] else ""
-        cells = "".join(_figure(thumbs.get(x["image_id"]), f"#{x['rank']} {x['image_id']} {x['score']:.3f}",
-                                x["image_id"] == q.get("target_id")) for x in ranked)
+        cells = "".join(
+            _figure(
+                thumbs.get(x["image_id"]),
+                f"#{x['rank']} {x['image_id']} {x['score']:.3f}",
+                x["image_id"] == q.get("target_id"),
+            )
+            for x in ranked
+        )
         body.append(
-            f"<tr><td>{html.escape(qid)}</td><td>{_figure(thumbs.get(ref), ref or '(text query)', False)}</td>"
-            f"<td><b>{html.escape(q['modification_text'] or '')}</b><div class=desc>{html.escape(desc)}</div></td>"
-            f"<td class=top>{cells or '(not ranked: see rejects)'}</td></tr>")
-    meta = rankings.to_table(columns=["mode", "prior_version", "adapter_version", "config_hash"],
-                             filter=f"run_id = '{run_id}'", limit=1).to_pylist()
+            f"<tr><td>{html.escape(qid)}</td>"
+            f"<td>{_figure(thumbs.get(ref), ref or '(text query)', False)}</td>"
+            f"<td><b>{html.escape(q['modification_text'] or '')}</b>"
+            f"<div class=desc>{html.escape(desc)}</div></td>"
+            f"<td class=top>{cells or '(not ranked: see rejects)'}</td></tr>"
+        )
+    meta = rankings.to_table(
+        columns=["mode", "prior_version", "adapter_version", "config_hash"],
+        filter=f"run_id = '{run_id}'",
+        limit=1,
+    ).to_pylist()
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rankings {html.escape(run_id)}</title>
 <style>{STYLE}</style></head><body>
 <h1>Run {html.escape(run_id)}</h1>
-<p>{html.escape(str(meta[0]) if meta else '')}</p>
+<p>{html.escape(str(meta[0]) if meta else "")}</p>
 {extra_html}
 <p>Known targets are outlined in green. Scores are cosine similarities.</p>
-<table><tr><th>query</th><th>reference</th><th>modification / generated description</th><th>top {r.top_k}</th></tr>
-{''.join(body)}</table>
+<table><tr><th>query</th><th>reference</th><th>modification / generated description</th>
+<th>top {r.top_k}</th></tr>
+{"".join(body)}</table>
 <h2>Stages</h2><pre>{html.escape(chr(10).join(stage_lines))}</pre>
-<p>Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p></body></html>"""
+<p>Written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}.</p></body></html>"""
     write_bytes(f"{out}/index.html", page.encode(), lake.s3)
-    write_bytes(f"{r.dir.rstrip('/')}/index.html",
-                f'<!doctype html><meta http-equiv="refresh" content="0; url={run_id}/index.html">'
-                f'<a href="{run_id}/index.html">run {html.escape(run_id)}</a>'.encode(), lake.s3)
+    write_bytes(
+        f"{r.dir.rstrip('/')}/index.html",
+        f'<!doctype html><meta http-equiv="refresh" content="0; url={run_id}/index.html">'
+        f'<a href="{run_id}/index.html">run {html.escape(run_id)}</a>'.encode(),
+        lake.s3,
+    )
     return f"{out}/index.html" if is_s3(out) else os.path.abspath(f"{out}/index.html")

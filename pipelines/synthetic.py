@@ -44,17 +44,23 @@ class Item:
     background: str
 
     def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} on the {self.position}, {self.background} background"
+        return (
+            f"a {self.size} {self.colour} {self.shape} on the {self.position}, {self.background} background"
+        )
 
     def description(self) -> str:
-        return (f"An image of a {self.size} {self.colour} {self.shape} placed on the {self.position} "
-                f"side of a plain {self.background} background.")
+        return (
+            f"An image of a {self.size} {self.colour} {self.shape} placed on the {self.position} "
+            f"side of a plain {self.background} background."
+        )
 
 
 def instruction(attribute: str, value: str) -> str:
     return {
-        "shape": f"make it a {value}", "colour": f"change the colour to {value}",
-        "size": f"make it {value}", "position": f"move it to the {value}",
+        "shape": f"make it a {value}",
+        "colour": f"change the colour to {value}",
+        "size": f"make it {value}",
+        "position": f"move it to the {value}",
         "background": f"change the background to {value}",
     }[attribute]
 
@@ -99,15 +105,24 @@ def _write_table(rows: list[dict], uri: str, s3: dict | None) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, filesystem=fs)
 
 
-def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets: int, num_queries: int,
-                   seed: int, s3: dict | None = None) -> dict[str, str]:
+def make_catalogue(
+    out_dir: str,
+    num_images: int,
+    image_size: int,
+    num_triplets: int,
+    num_queries: int,
+    seed: int,
+    s3: dict | None = None,
+) -> dict[str, str]:
     """Writes the catalogue; returns the URIs of the manifest, triplets and queries."""
     combos = 1
     for v in ATTRIBUTES.values():
         combos *= len(v)
     if 2 * num_queries > min(num_images, combos):
-        raise ValueError(f"synthetic: need 2 * num_queries <= min(num_images, {combos}), "
-                         f"got num_queries={num_queries}, num_images={num_images}")
+        raise ValueError(
+            f"synthetic: need 2 * num_queries <= min(num_images, {combos}), "
+            f"got num_queries={num_queries}, num_images={num_images}"
+        )
     rng = random.Random(seed)
     items: list[Item] = []
     seen: set[Item] = set()
@@ -136,11 +151,19 @@ def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets:
     for k in order:
         uri = f"{out_dir}/images/{image_id[k]}.png"
         write_bytes(uri, png(draw(items[k], image_size, rng)), s3)
-        manifest.append({"image_id": image_id[k], "uri": uri, "caption": items[k].caption(), **asdict(items[k])})
-    query_rows = [{
-        "query_id": f"q{n:05d}", "reference_id": image_id[r], "modification_text": instruction(a, v),
-        "target_id": image_id[t], "shared_concept": items[r].shape,
-    } for n, (r, t, a, v) in enumerate(queries)]
+        manifest.append(
+            {"image_id": image_id[k], "uri": uri, "caption": items[k].caption(), **asdict(items[k])}
+        )
+    query_rows = [
+        {
+            "query_id": f"q{n:05d}",
+            "reference_id": image_id[r],
+            "modification_text": instruction(a, v),
+            "target_id": image_id[t],
+            "shared_concept": items[r].shape,
+        }
+        for n, (r, t, a, v) in enumerate(queries)
+    ]
     triplets = []
     for n in range(num_triplets):
         src = random_item(rng)
@@ -148,10 +171,20 @@ def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets:
         s_uri, t_uri = f"{out_dir}/triplets/t{n:05d}_source.png", f"{out_dir}/triplets/t{n:05d}_target.png"
         write_bytes(s_uri, png(draw(src, image_size, rng)), s3)
         write_bytes(t_uri, png(draw(tgt, image_size, rng)), s3)
-        triplets.append({"triplet_id": f"t{n:05d}", "source_uri": s_uri, "instruction": instruction(attribute, value),
-                         "target_uri": t_uri, "target_description": tgt.description()})
-    uris = {"manifest": f"{out_dir}/manifest.parquet", "triplets": f"{out_dir}/triplets.parquet",
-            "queries": f"{out_dir}/queries.parquet"}
+        triplets.append(
+            {
+                "triplet_id": f"t{n:05d}",
+                "source_uri": s_uri,
+                "instruction": instruction(attribute, value),
+                "target_uri": t_uri,
+                "target_description": tgt.description(),
+            }
+        )
+    uris = {
+        "manifest": f"{out_dir}/manifest.parquet",
+        "triplets": f"{out_dir}/triplets.parquet",
+        "queries": f"{out_dir}/queries.parquet",
+    }
     _write_table(manifest, uris["manifest"], s3)
     _write_table(triplets, uris["triplets"], s3)
     _write_table(query_rows, uris["queries"], s3)
@@ -159,7 +192,9 @@ def make_catalogue(out_dir: str, num_images: int, image_size: int, num_triplets:
     return uris
 
 
-def write_cirr_format(out_dir: str, image_ids: list[str], queries: list[dict], seed: int, s3: dict | None) -> None:
+def write_cirr_format(
+    out_dir: str, image_ids: list[str], queries: list[dict], seed: int, s3: dict | None
+) -> None:
     """The queries again in CIRR's official layout (the `val` split) under <out_dir>/cirr,
     with the catalogue folder as image root: `python -m pipelines benchmark` runs on it.
     Each img_set holds the reference, the target and four other images."""
@@ -169,12 +204,22 @@ def write_cirr_format(out_dir: str, image_ids: list[str], queries: list[dict], s
         others = [i for i in image_ids if i not in (q["reference_id"], q["target_id"])]
         members = [q["reference_id"], q["target_id"], *rng.sample(others, min(4, len(others)))]
         rng.shuffle(members)
-        caps.append({"pairid": n, "reference": q["reference_id"], "target_hard": q["target_id"],
-                     "target_soft": {q["target_id"]: 1.0}, "caption": q["modification_text"],
-                     "img_set": {"id": n, "members": members}})
+        caps.append(
+            {
+                "pairid": n,
+                "reference": q["reference_id"],
+                "target_hard": q["target_id"],
+                "target_soft": {q["target_id"]: 1.0},
+                "caption": q["modification_text"],
+                "img_set": {"id": n, "members": members},
+            }
+        )
     write_bytes(f"{out_dir}/cirr/captions/cap.rc2.val.json", json.dumps(caps, indent=1).encode(), s3)
-    write_bytes(f"{out_dir}/cirr/image_splits/split.rc2.val.json",
-                json.dumps({i: f"./images/{i}.png" for i in image_ids}, indent=1).encode(), s3)
+    write_bytes(
+        f"{out_dir}/cirr/image_splits/split.rc2.val.json",
+        json.dumps({i: f"./images/{i}.png" for i in image_ids}, indent=1).encode(),
+        s3,
+    )
 
 
 def tokenizer_corpus() -> list[str]:
@@ -197,10 +242,19 @@ def build_demo_models(cfg) -> list[str]:
 
     if not cfg.models.build_tiny:
         return []
-    corpus = tokenizer_corpus() + [cfg.caption.prompt_long, cfg.caption.prompt_short, cfg.models.embedder.instruction]
+    corpus = tokenizer_corpus() + [
+        cfg.caption.prompt_long,
+        cfg.caption.prompt_short,
+        cfg.models.embedder.instruction,
+    ]
     built = []
-    for path in sorted({cfg.models.captioner.name_or_path, cfg.models.embedder.name_or_path,
-                        cfg.models.describer.name_or_path}):
+    for path in sorted(
+        {
+            cfg.models.captioner.name_or_path,
+            cfg.models.embedder.name_or_path,
+            cfg.models.describer.name_or_path,
+        }
+    ):
         if not os.path.exists(os.path.join(path, "config.json")):
             build_tiny_mllm(path, plain(cfg.tiny_models.mllm), corpus, cfg.seed)
             built.append(path)
@@ -214,8 +268,9 @@ def build_demo_models(cfg) -> list[str]:
 def synth(cfg) -> dict[str, str]:
     """The catalogue of conf `synthetic`; returns its files' URIs."""
     s = cfg.synthetic
-    return make_catalogue(s.out_dir, s.num_images, s.image_size, s.num_triplets, s.num_queries, cfg.seed,
-                          dict(cfg.storage.s3))
+    return make_catalogue(
+        s.out_dir, s.num_images, s.image_size, s.num_triplets, s.num_queries, cfg.seed, dict(cfg.storage.s3)
+    )
 
 
 def run(ctx) -> "Summary":
@@ -225,6 +280,9 @@ def run(ctx) -> "Summary":
     s = ctx.cfg.synthetic
     uris = synth(ctx.cfg)
     built = build_demo_models(ctx.cfg)
-    return Summary("synth", written=s.num_images, extra={"triplets": s.num_triplets, "queries": s.num_queries,
-                                                          "models_built": len(built)},
-                   note=f"manifest {uris['manifest']}")
+    return Summary(
+        "synth",
+        written=s.num_images,
+        extra={"triplets": s.num_triplets, "queries": s.num_queries, "models_built": len(built)},
+        note=f"manifest {uris['manifest']}",
+    )

@@ -37,8 +37,16 @@ from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
 from model.errors import PipelineError
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim, text_encoder_name
-from model.training import (EMA, OptimConfig, accumulate_gradients, apply_step, load_training_state, make_optimizer,
-                            make_scheduler, save_training_state)
+from model.training import (
+    EMA,
+    OptimConfig,
+    accumulate_gradients,
+    apply_step,
+    load_training_state,
+    make_optimizer,
+    make_scheduler,
+    save_training_state,
+)
 from ops.conditions import conditions_from_columns
 from ops.plots import line_chart_png
 from ops.storage import copy_dir, filesystem, local_copy, read_json, write_bytes
@@ -64,13 +72,21 @@ def _source(cfg, stage: str) -> tuple[str, str | None, list[str], str]:
     encoder = text_encoder_name(plain(cfg.models.text_encoder), plain(cfg.models.embedder)).replace("'", "''")
     if stage == "stage1":
         if precomputed:
-            return ("stage1_examples", f"text_encoder = '{encoder}'", ["vector", "cond_tokens", "cond_len"],
-                    "`conditions` (train.text_conditions is precomputed)")
+            return (
+                "stage1_examples",
+                f"text_encoder = '{encoder}'",
+                ["vector", "cond_tokens", "cond_len"],
+                "`conditions` (train.text_conditions is precomputed)",
+            )
         return "embeddings", "kind = 'pair'", ["vector", "text"], "`embed`"
     cols = ["z_query", "z_target", "cond_text"]
     if precomputed:
-        return ("triplet_embeddings", f"text_encoder = '{encoder}'", cols + ["cond_tokens", "cond_len"],
-                "`triplets` (train.text_conditions is precomputed)")
+        return (
+            "triplet_embeddings",
+            f"text_encoder = '{encoder}'",
+            cols + ["cond_tokens", "cond_len"],
+            "`triplets` (train.text_conditions is precomputed)",
+        )
     return "triplet_embeddings", None, cols, "`triplets`"
 
 
@@ -92,7 +108,9 @@ def _newest_checkpoint(storage: str, run_name: str, s3: dict) -> str | None:
         infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
     except OSError:
         return None
-    names = sorted(i.base_name for i in infos if i.type.name == "Directory" and i.base_name.startswith("checkpoint_"))
+    names = sorted(
+        i.base_name for i in infos if i.type.name == "Directory" and i.base_name.startswith("checkpoint_")
+    )
     return f"{storage.rstrip('/')}/{run_name}/{names[-1]}" if names else None
 
 
@@ -113,8 +131,10 @@ def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
     diff = {k: (v, found.get(k)) for k, v in _expected(prior_config).items() if found.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: config {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointMismatch(f"run {sc.run_name!r} under {cfg.train.storage} has checkpoints of another model "
-                                 f"({detail}): choose another train_{stage}.run_name or fix the config")
+        raise CheckpointMismatch(
+            f"run {sc.run_name!r} under {cfg.train.storage} has checkpoints of another model "
+            f"({detail}): choose another train_{stage}.run_name or fix the config"
+        )
 
 
 # ---------------------------------------------------------------- the worker
@@ -122,6 +142,7 @@ def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
 
 def _batch_tensors(batch: dict, stage: str, encoder, cond_dim: int, device) -> tuple:
     """(z_0, z_query or None, c, c_mask) of a numpy batch."""
+
     def vectors(col):
         v = batch[col]
         return torch.from_numpy(np.stack(v) if v.dtype == object else v).float().to(device)
@@ -185,7 +206,9 @@ def train_loop(config: dict) -> None:
         prior = model = FusionDiffPrior(**prior_config)
     else:
         with tempfile.TemporaryDirectory() as cache:
-            prior = load_prior(local_copy(sc.prior, plain(cfg.storage.s3), cache), expected=_expected(prior_config))
+            prior = load_prior(
+                local_copy(sc.prior, plain(cfg.storage.s3), cache), expected=_expected(prior_config)
+            )
         prior.requires_grad_(False).eval()
         model = ControlAdapter.from_prior(prior)
     checkpoint = ray.train.get_checkpoint()
@@ -207,7 +230,8 @@ def train_loop(config: dict) -> None:
     # Stage 2: rows whose condition is dropped skip the adapter, so some batches leave
     # its parameters unused; DDP must be told.
     wrapped = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": stage == "stage2"})
+        model, parallel_strategy_kwargs={"find_unused_parameters": stage == "stage2"}
+    )
     if tc.compile != "none":
         # The frozen prior too: in Stage 2 its forward is most of the step.
         mode = compile_mode(tc.compile, "train.compile")
@@ -216,8 +240,9 @@ def train_loop(config: dict) -> None:
             compile_blocks(model, mode)
     encoder = None
     if tc.text_conditions == "worker":
-        encoder = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder),
-                                              device=str(device))
+        encoder = load_text_encoder_from_conf(
+            plain(cfg.models.text_encoder), plain(cfg.models.embedder), device=str(device)
+        )
     diffusion = DiffusionConfig(**plain(cfg.diffusion))
     noise_sched = ddpm_scheduler(diffusion)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
@@ -229,8 +254,12 @@ def train_loop(config: dict) -> None:
     tick, last_loss = time.perf_counter(), None
     while state["step"] < total:
         start_step, skip = state["step"], state["step"] % per_epoch
-        batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=tc.shuffle_buffer or None)
+        batches = shard.iter_batches(
+            batch_size=per_worker,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=tc.shuffle_buffer or None,
+        )
         for i, batch in enumerate(batches):
             # Every worker consumes its whole shard each epoch (Ray Data's split expects
             # it); batches done before a resume, or past the epoch's steps, are skipped.
@@ -241,45 +270,76 @@ def train_loop(config: dict) -> None:
             z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
 
             def loss_of_rows(rows: slice) -> torch.Tensor:
-                take = (lambda t: None if t is None else t[rows])
+                take = lambda t: None if t is None else t[rows]
                 with torch.autocast(**autocast):
                     if stage == "stage1":
-                        return diffusion_loss(wrapped, diffusion, z0[rows], take(c), take(m), generator=gen,
-                                              scheduler=noise_sched)
-                    return diffusion_loss(prior, diffusion, z0[rows], take(c), take(m), adapter=wrapped,
-                                          z_query=take(zq), generator=gen, scheduler=noise_sched)
+                        return diffusion_loss(
+                            wrapped,
+                            diffusion,
+                            z0[rows],
+                            take(c),
+                            take(m),
+                            generator=gen,
+                            scheduler=noise_sched,
+                        )
+                    return diffusion_loss(
+                        prior,
+                        diffusion,
+                        z0[rows],
+                        take(c),
+                        take(m),
+                        adapter=wrapped,
+                        z_query=take(zq),
+                        generator=gen,
+                        scheduler=noise_sched,
+                    )
 
-            loss = accumulate_gradients(loss_of_rows, z0.shape[0], tc.micro_batch_size,
-                                        getattr(wrapped, "no_sync", None))
+            loss = accumulate_gradients(
+                loss_of_rows, z0.shape[0], tc.micro_batch_size, getattr(wrapped, "no_sync", None)
+            )
             if faults.get("nan_at_step") == step:
                 loss = loss * float("nan")
             mean_loss, finite = _finite_mean(loss.detach(), world, device)
             if not finite:
                 if rank == 0:
-                    write_bytes(_stop_marker(cfg, stage), json.dumps(
-                        {"step": step, "loss": float(loss), "reason": "non-finite loss"}).encode(), plain(cfg.storage.s3))
+                    write_bytes(
+                        _stop_marker(cfg, stage),
+                        json.dumps({"step": step, "loss": float(loss), "reason": "non-finite loss"}).encode(),
+                        plain(cfg.storage.s3),
+                    )
                 return
             grad_norm = apply_step(opt, sched, params, optim.grad_clip)
             if ema is not None:
                 ema.update(model)
             state["step"] = step + 1
             now = time.perf_counter()
-            row = {"step": step + 1, "epoch": step // per_epoch, "loss": mean_loss, "lr": sched.get_last_lr()[0],
-                   "grad_norm": grad_norm, "samples_per_s": sc.batch_size / max(now - tick, 1e-9)}
+            row = {
+                "step": step + 1,
+                "epoch": step // per_epoch,
+                "loss": mean_loss,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "samples_per_s": sc.batch_size / max(now - tick, 1e-9),
+            }
             tick, last_loss = now, mean_loss
             if (step + 1) % tc.log_every == 0 or step + 1 == total:
                 state["metrics"].append(row)
                 if rank == 0:
-                    print(f"[train_{stage}] step {step + 1}/{total} loss {mean_loss:.4f} lr {row['lr']:.2e} "
-                          f"grad norm {grad_norm:.3g} {row['samples_per_s']:.0f} samples/s", flush=True)
+                    print(
+                        f"[train_{stage}] step {step + 1}/{total} loss {mean_loss:.4f} lr {row['lr']:.2e} "
+                        f"grad norm {grad_norm:.3g} {row['samples_per_s']:.0f} samples/s",
+                        flush=True,
+                    )
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
                 if rank == 0:
                     _save_checkpoint(model, opt, sched, ema, state, row)
                 else:
                     ray.train.report(row)
         if state["step"] == start_step:
-            raise TrainingError(f"worker {rank} read no batch of {per_worker} rows from its shard: "
-                                f"the table is smaller than it was when the run started")
+            raise TrainingError(
+                f"worker {rank} read no batch of {per_worker} rows from its shard: "
+                f"the table is smaller than it was when the run started"
+            )
     if rank == 0 and last_loss is None:
         print(f"[train_{stage}] the run had already finished ({total} steps): nothing to train", flush=True)
 
@@ -304,19 +364,32 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     summary = Summary(f"train_{stage}")
     ctx.start_ray()
     lake = ctx.lake
-    ctx.require(f"train_{stage} ({tc.num_workers} workers)", tc.num_workers * tc.cpus_per_worker,
-                tc.num_workers if tc.use_gpu else 0, "train.num_workers, train.cpus_per_worker, train.use_gpu")
+    ctx.require(
+        f"train_{stage} ({tc.num_workers} workers)",
+        tc.num_workers * tc.cpus_per_worker,
+        tc.num_workers if tc.use_gpu else 0,
+        "train.num_workers, train.cpus_per_worker, train.use_gpu",
+    )
     table, flt, columns, needs = _source(cfg, stage)
     rows = lake.count(table, flt)
     if rows == 0:
-        raise TrainingError(f"no training rows in {lake.uri(table)}" + (f" where {flt}" if flt else "") +
-                            f": run {needs} first")
-    check_vector_dim(lake.open(table), cfg.models.embedder.dim, lake.uri(table),
-                     "vector" if stage == "stage1" else "z_target")
+        raise TrainingError(
+            f"no training rows in {lake.uri(table)}"
+            + (f" where {flt}" if flt else "")
+            + f": run {needs} first"
+        )
+    check_vector_dim(
+        lake.open(table),
+        cfg.models.embedder.dim,
+        lake.uri(table),
+        "vector" if stage == "stage1" else "z_target",
+    )
     per_epoch = rows // sc.batch_size
     if per_epoch == 0:
-        raise TrainingError(f"{lake.uri(table)} has {rows} training rows, fewer than one batch "
-                            f"(train_{stage}.batch_size={sc.batch_size})")
+        raise TrainingError(
+            f"{lake.uri(table)} has {rows} training rows, fewer than one batch "
+            f"(train_{stage}.batch_size={sc.batch_size})"
+        )
     total = per_epoch * sc.epochs
     if sc.max_steps > 0:
         total = min(total, sc.max_steps)
@@ -335,18 +408,31 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     fs, path = filesystem(tc.storage, lake.s3)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": ctx.conf, "stage": stage, "total_steps": total, "steps_per_epoch": per_epoch,
-                           "prior_config": prior_config, "faults": faults},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
+        train_loop_config={
+            "cfg": ctx.conf,
+            "stage": stage,
+            "total_steps": total,
+            "steps_per_epoch": per_epoch,
+            "prior_config": prior_config,
+            "faults": faults,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
-            name=sc.run_name, storage_path=path, storage_filesystem=fs,
+            name=sc.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        ),
         datasets={"train": read_table(lake, table, columns, filter=flt)},
     )
-    print(f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "
-          f"{tc.num_workers} worker(s); run {tc.storage}/{sc.run_name}", flush=True)
+    print(
+        f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "
+        f"{tc.num_workers} worker(s); run {tc.storage}/{sc.run_name}",
+        flush=True,
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -354,16 +440,23 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     stopped = read_json(_stop_marker(cfg, stage), lake.s3)
     if stopped:
         kept = _newest_checkpoint(tc.storage, sc.run_name, lake.s3) or "none (no checkpoint was made yet)"
-        raise TrainingError(f"train_{stage} stopped at step {stopped['step']}: the loss was {stopped['loss']} "
-                            f"({stopped['reason']}); nothing was exported, the last good checkpoint is kept: {kept}")
+        raise TrainingError(
+            f"train_{stage} stopped at step {stopped['step']}: the loss was {stopped['loss']} "
+            f"({stopped['reason']}); nothing was exported, the last good checkpoint is kept: {kept}"
+        )
     if result.checkpoint is None:
         raise TrainingError(f"train_{stage} finished without a checkpoint under {tc.storage}/{sc.run_name}")
     state = export(cfg, stage, result.checkpoint, lake.s3)
     resumed = before.get("step", 0)
     restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)
     summary.read, summary.written = rows, state["step"] - resumed
-    summary.extra.update(resumed_from=resumed, step=state["step"], total=total, restarts=max(0, restarts),
-                         loss=state["metrics"][-1]["loss"] if state["metrics"] else float("nan"))
+    summary.extra.update(
+        resumed_from=resumed,
+        step=state["step"],
+        total=total,
+        restarts=max(0, restarts),
+        loss=state["metrics"][-1]["loss"] if state["metrics"] else float("nan"),
+    )
     summary.note = f"model: {sc.output}"
     return summary
 
@@ -379,6 +472,15 @@ def export(cfg, stage: str, checkpoint: ray.train.Checkpoint, s3: dict) -> dict:
         copy_dir(src, out, s3)
     rows = state["metrics"]
     write_bytes(f"{out}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), s3)
-    write_bytes(f"{out}/loss.png", line_chart_png([r["step"] for r in rows], [r["loss"] for r in rows],
-                                                  f"train_{stage}: diffusion loss", "step", "loss"), s3)
+    write_bytes(
+        f"{out}/loss.png",
+        line_chart_png(
+            [r["step"] for r in rows],
+            [r["loss"] for r in rows],
+            f"train_{stage}: diffusion loss",
+            "step",
+            "loss",
+        ),
+        s3,
+    )
     return state

@@ -24,9 +24,9 @@ def tiny_models(tmp_path_factory):
     return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
 
 
-def tiny_config(run_dir, tiny_models, *extra):
-    """The demo config under `run_dir`, with the session's tiny models and small batches."""
-    return load_config("conf/demo.yaml", [
+def tiny_overrides(run_dir, tiny_models, *extra) -> list[str]:
+    """key=value overrides of the demo config for a test: its run_dir, the session's tiny models, quiet logs."""
+    return [
         f"run_dir={run_dir}",
         f"models.captioner.name_or_path={tiny_models['mllm']}",
         f"models.embedder.name_or_path={tiny_models['mllm']}",
@@ -34,7 +34,12 @@ def tiny_config(run_dir, tiny_models, *extra):
         f"models.text_encoder.name_or_path={tiny_models['t5']}",
         "ray.progress_bars=false",
         *extra,
-    ])
+    ]
+
+
+def tiny_config(run_dir, tiny_models, *extra):
+    """The demo config under `run_dir`, with the session's tiny models and small batches."""
+    return load_config("conf/demo.yaml", tiny_overrides(run_dir, tiny_models, *extra))
 
 
 def run_stage(cfg, name: str, run_id: str | None = None):

@@ -29,6 +29,7 @@ def batch(tmp_path):
                      "source_caption": pa.array(["a red card", None, None], pa.string())})
 
 
+@pytest.mark.fast
 def test_requests_one_per_caption_to_write_and_rejects(batch):
     conf = plain(load_config("conf/demo.yaml"))
     rows = CaptionRequestOp(conf, None)(batch).to_pylist()
@@ -47,6 +48,7 @@ def test_requests_one_per_caption_to_write_and_rejects(batch):
     assert [(r["image_id"], r["kind"]) for r in no_manifest][:3] == [("a", "long"), ("a", "short"), ("b", "long")]
 
 
+@pytest.mark.fast
 def test_results_gather_into_the_rows_the_transformers_backend_writes(batch):
     requests = CaptionRequestOp(plain(load_config("conf/demo.yaml")), None)(batch).to_pylist()
     engine_out = []

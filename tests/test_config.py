@@ -1,7 +1,9 @@
 import pytest
 
 from pipelines.__main__ import main
-from pipelines.config import ConfigError, load_config
+from pipelines.config import BASE, BENCH_SCHEMA, RULES, ConfigError, load_config
+
+pytestmark = pytest.mark.fast
 
 
 def test_demo_and_prod_load_with_their_models():
@@ -52,3 +54,65 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["ingest", "--config", "conf/demo.yaml", "ingest.batch_size=x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "ingest.batch_size" in err and "Traceback" not in err
+
+
+# One case per kind of rule, and the degenerate values a tester tried (issue 17's list):
+# each is refused at load, before Ray starts, with the key, the value and what is allowed.
+@pytest.mark.parametrize("override, message", [
+    ("sampling.sampler=foo", "sampling.sampler='foo': expected one of dpmsolver++, ddpm"),
+    ("rank.mode=fancy", "rank.mode='fancy': expected one of full, query_only, prior_only, joint, text"),
+    ("rank.search=fuzzy", "rank.search='fuzzy': expected one of exact, ann"),
+    ("caption.kv_cache=paged", "caption.kv_cache='paged': expected one of dynamic, static, static_compiled"),
+    ("models.embedder.dtype=fp8", "models.embedder.dtype='fp8': expected one of float32, float16, bfloat16"),
+    ("models.describer.device=tpu", "models.describer.device='tpu': expected cpu, cuda or cuda:<n>"),
+    ("rank.batch_size=0", "rank.batch_size=0: expected >= 1"),
+    ("ingest.batch_size=0", "ingest.batch_size=0: expected >= 1"),
+    ("ingest.batch_size=-1", "ingest.batch_size=-1: expected >= 1"),
+    ("caption.batch_size=0", "caption.batch_size=0: expected >= 1"),
+    ("caption.num_actors=0", "caption.num_actors=0: expected >= 1"),
+    ("embed.batch_size=0", "embed.batch_size=0: expected >= 1"),
+    ("rank.top_k=-5", "rank.top_k=-5: expected >= 1"),
+    ("rank.top_k=0", "rank.top_k=0: expected >= 1"),
+    ("embed.pair_short_fraction=1.5", "embed.pair_short_fraction=1.5: expected in [0, 1]"),
+    ("diffusion.p_cfg=-0.1", "diffusion.p_cfg=-0.1: expected in [0, 1]"),
+    ("train_stage1.ema_decay=1.0", "train_stage1.ema_decay=1.0: expected in [0, 1)"),
+    ("nightly.stages=[ingest,captoin]", "nightly.stages=['ingest', 'captoin']: expected a list of ingest, caption"),
+    ("eval.modes=[full,best]", "eval.modes=['full', 'best']: expected a list of full"),
+    ("train.num_workers=3", "train_stage1.batch_size=16: expected a multiple of train.num_workers=3"),
+    ("prior.num_heads=5", "prior.hidden_size=64: expected a multiple of prior.num_heads=5"),
+    ("index.num_sub_vectors=7", "index.num_sub_vectors=7: expected a divisor of models.embedder.dim=64"),
+    ("models.embedder.image_max_pixels=100", "models.embedder.image_max_pixels=100: expected >= models.embedder"),
+    ("train.use_gpu=yes", "train.use_gpu takes true or false, not 'yes'"),
+    ("ray.progress_bars=off", "ray.progress_bars takes true or false, not 'off'"),
+    ("ray.num_cpus=many", "ray.num_cpus='many': expected >= 1"),
+])
+def test_values_outside_their_rules_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("conf/demo.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_every_rule_names_keys_of_the_schema():
+    from pipelines.config import _matching
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(BASE), OmegaConf.load(BENCH_SCHEMA))
+    for pattern in RULES:
+        assert list(_matching(cfg, pattern)), f"rule {pattern!r} matches no key of conf/base.yaml"
+
+
+def test_benchmark_and_fault_knobs_are_not_in_the_pipeline_schema():
+    with pytest.raises(ConfigError, match="unknown key 'gpu_bench'"):
+        load_config("conf/demo.yaml", ["gpu_bench.budget_s=1"])
+    with pytest.raises(ConfigError, match="unknown key 'train.fail_at_step'"):
+        load_config("conf/demo.yaml", ["train.fail_at_step=3"])
+    bench = load_config(["conf/demo.yaml", "conf/bench/gpu_tiny.yaml"], schemas=(BASE, BENCH_SCHEMA))
+    assert bench.gpu_bench.out_dir == "runs/bench/gpu"
+
+
+def test_the_cli_refuses_a_bad_value_before_ray_starts(capsys):
+    import ray
+
+    assert main(["rank", "--config", "conf/demo.yaml", "sampling.sampler=foo"]) == 2
+    assert capsys.readouterr().err == "error: sampling.sampler='foo': expected one of dpmsolver++, ddpm\n"
+    assert not ray.is_initialized()

@@ -14,6 +14,7 @@ from ops.metrics import MetricsError, average_precision_at, map_at, recall_at, r
 from pipelines import evaluate as ev
 
 
+@pytest.mark.fast
 def test_recall_skips_the_reference_and_misses_outside_the_top_k():
     rankings = {"a": ["ref", "x", "t"], "b": ["y", "z", "w", "t2"]}
     targets = {"a": "t", "b": "t2"}
@@ -23,6 +24,7 @@ def test_recall_skips_the_reference_and_misses_outside_the_top_k():
     assert recall_at(rankings, targets, (2,))[2] == 0.0  # without removal, t is 3rd
 
 
+@pytest.mark.fast
 def test_recall_subset_ranks_only_the_members_without_the_reference():
     rankings = {"q": ["g1", "ref", "g2", "m1", "t", "m2"]}
     members = {"q": ["ref", "m1", "t", "m2"]}
@@ -30,6 +32,7 @@ def test_recall_subset_ranks_only_the_members_without_the_reference():
     assert r == {1: 0.0, 2: 100.0, 3: 100.0}  # subset order: m1, t, m2
 
 
+@pytest.mark.fast
 def test_circo_average_precision_with_fewer_ground_truths_than_k():
     # Relevant at ranks 2 and 4 of 2 ground truths: (1/2 + 2/4) / min(5, 2) = 0.5
     assert average_precision_at(["x", "a", "y", "b", "z"], ["a", "b"], 5) == pytest.approx(0.5)
@@ -41,6 +44,7 @@ def test_circo_average_precision_with_fewer_ground_truths_than_k():
     assert m[5] == pytest.approx(100 * (0.5 + 1.0) / 2)
 
 
+@pytest.mark.fast
 def test_circo_refuses_duplicates():
     with pytest.raises(MetricsError, match="query 7: image a appears more than once"):
         map_at({"7": ["a", "b", "a"]}, {"7": ["a"]}, (5,))
@@ -71,6 +75,7 @@ def cirr(tmp_path):
     return str(root)
 
 
+@pytest.mark.fast
 def test_cirr_loader_metrics_and_submission_round_trip(cirr, tmp_path):
     b = ev.load("cirr", cirr, "val", "/data/cirr")
     assert [q["query_id"] for q in b.queries] == ["12", "13"]
@@ -88,6 +93,7 @@ def test_cirr_loader_metrics_and_submission_round_trip(cirr, tmp_path):
     assert subset["metric"] == "recall_subset" and subset["99"] == ["test1-1-0-img2", "test1-1-0-img1"]
 
 
+@pytest.mark.fast
 def test_fashioniq_loader_joins_captions_and_averages_categories(tmp_path):
     root = tmp_path / "fiq"
     data = {"dress": ("D1", "D2"), "shirt": ("S1", "S2"), "toptee": ("T1", "T2")}
@@ -106,6 +112,7 @@ def test_fashioniq_loader_joins_captions_and_averages_categories(tmp_path):
     assert m["avg_R@10"] == pytest.approx(200 / 3) and m["avg_R@50"] == pytest.approx(200 / 3)
 
 
+@pytest.mark.fast
 def test_circo_loader_submission_and_missing_queries(tmp_path):
     root, images = tmp_path / "circo", tmp_path / "coco"
     _write(f"{root}/annotations/val.json", [
@@ -125,6 +132,7 @@ def test_circo_loader_submission_and_missing_queries(tmp_path):
     assert json.load(open(path)) == {"5": [str(i) for i in range(50)]}
 
 
+@pytest.mark.fast
 def test_annotations_in_another_format_name_the_file_and_field(cirr):
     _write(f"{cirr}/captions/cap.rc2.val.json", [{"pairid": 1, "reference": "r", "caption": "c"}])
     with pytest.raises(ev.AnnotationError, match=r"cap.rc2.val.json: entry 0 has no field 'img_set'"):

@@ -12,9 +12,11 @@ import torch
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, diffusion_loss
 from model.mllm import Captioner, FusedEmbedder, load_mllm
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks
-from model.training import OptimConfig, accumulate_gradients, make_optimizer, make_scheduler, train_step
+from model.training import OptimConfig, accumulate_gradients, apply_step, make_optimizer, make_scheduler
 from pipelines.config import load_config, plain
 from pipelines.synthetic import Item, draw
+
+pytestmark = pytest.mark.fast
 
 D, COND = 32, 16
 SIZES = dict(d_vl=D, cond_dim=COND, map_channels=4, map_size=8, patch_size=2, hidden_size=32, num_heads=4,
@@ -108,9 +110,11 @@ def _train(steps: int, fused: bool, compiled: bool) -> tuple[list[float], torch.
     c, m = torch.randn(16, 6, COND, generator=g), torch.ones(16, 6, dtype=torch.bool)
     losses = []
     for step in range(steps):
-        loss = diffusion_loss(prior, diffusion, z0, c, m, generator=torch.Generator().manual_seed(step))
-        losses.append(float(loss.detach()))
-        train_step(loss, opt, sched, params, optim.grad_clip)
+        gen = torch.Generator().manual_seed(step)
+        loss = accumulate_gradients(lambda rows: diffusion_loss(prior, diffusion, z0[rows], c[rows], m[rows],
+                                                                generator=gen), 16, 0)
+        losses.append(float(loss))
+        apply_step(opt, sched, params, optim.grad_clip)
     return losses, torch.cat([p.detach().flatten() for p in prior.parameters()])
 
 

@@ -10,6 +10,8 @@ import yaml
 from pipelines.registry import STAGES
 from pipelines.config import load_config
 
+pytestmark = pytest.mark.fast
+
 MANIFESTS = sorted(glob.glob("infra/k8s/*.yaml"))
 
 

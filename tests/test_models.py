@@ -7,6 +7,8 @@ from model.text_encoder import TextEncoder
 from pipelines.synthetic import Item, draw
 import random
 
+pytestmark = pytest.mark.fast
+
 INSTRUCTION = "Represent the user's input."
 
 

@@ -12,6 +12,8 @@ from pipelines.config import load_config, plain
 from pipelines.synthetic import make_catalogue
 from tests.badfiles import write_bad_files
 
+pytestmark = pytest.mark.fast
+
 LIMITS = {"min_side": 16, "max_side": 12000, "max_pixels": 100_000_000}
 
 

@@ -8,6 +8,8 @@ from model.prior import ControlAdapter, FusionDiffPrior
 
 from pipelines.config import load_config, plain
 
+pytestmark = pytest.mark.fast
+
 D, COND = 32, 16
 SIZES = dict(d_vl=D, cond_dim=COND, map_channels=4, map_size=8, patch_size=2, hidden_size=32, num_heads=4,
              mlp_ratio=2.0, num_encoder_blocks=2, num_decoder_blocks=2, frequency_size=32)

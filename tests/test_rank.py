@@ -22,6 +22,7 @@ def _unit(rng, n, d):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+@pytest.mark.fast
 def test_running_topk_over_blocks_equals_numpy_brute_force():
     rng = np.random.default_rng(0)
     gallery, ids = _unit(rng, 1000, 32), np.array([f"g{i:04d}" for i in range(1000)], dtype=object)
@@ -238,3 +239,25 @@ def test_results_page_shows_the_images_in_chromium(s3_lake, tiny_models, tmp_pat
     coloured = ((im[..., 1] > 120) & (im[..., 2] > 80)).mean()  # saturated pixels: the drawn shapes
     # Text, rules and broken-image icons are grey; the thumbnails' shapes are saturated colours.
     assert coloured > 0.01, coloured
+
+
+def test_an_error_raised_inside_a_query_actor_reaches_the_cli_as_one_line(s3_lake, tiny_models, tmp_path, capsys):
+    """A prior whose condition size is not the text encoder's passes the driver's check
+    (its d_vl is the gallery's) and is refused by load_prior inside the Ray actor: the
+    command line still prints one line and exits 2."""
+    from model.prior import FusionDiffPrior
+    from pipelines.__main__ import main
+    from pipelines.config import plain
+    from tests.conftest import tiny_overrides
+
+    run_dir, extra = s3_lake
+    cfg = tiny_config(run_dir, tiny_models, *extra)
+    odd = f"{tmp_path}/odd_prior"
+    FusionDiffPrior(d_vl=cfg.models.embedder.dim, cond_dim=32, **plain(cfg.prior)).save_pretrained(odd)
+    capsys.readouterr()
+    code = main(["rank", "--config", "conf/demo.yaml", *tiny_overrides(
+        run_dir, tiny_models, *extra, "rank.mode=prior_only", f"train_stage1.output={odd}", "rank.run_id=odd")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: checkpoint ") and "cond_dim: expected 64, found 32" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
