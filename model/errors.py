@@ -14,13 +14,19 @@ class PipelineError(ValueError):
 
 
 def find_pipeline_error(exc: BaseException | None) -> PipelineError | None:
-    """The PipelineError inside `exc`: itself, or one it wraps (Ray wraps an error raised
-    in an actor or task, Ray Data wraps it once more as a UserCodeException)."""
+    """The PipelineError inside `exc`: itself, or one it wraps. Ray wraps an error raised
+    in a task as a RayTaskError (the original in `.cause`), Ray Data once more as a
+    UserCodeException (in `__cause__`), and an error raised while an actor starts as an
+    ActorDiedError (the RayTaskError in its `args`)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, PipelineError):
-            return exc
-        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
-        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
     return None

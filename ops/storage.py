@@ -97,3 +97,44 @@ def read_json(uri: str, s3: dict | None):
         return json.loads(read_bytes(uri, s3))
     except (FileNotFoundError, OSError):
         return None
+
+
+def create_exclusive(uri: str, data: bytes, s3: dict | None) -> bool:
+    """Writes `uri` only if it does not exist yet, atomically; False if it existed.
+
+    Locally an O_EXCL create; on S3 a conditional PUT (If-None-Match: *), which S3 and
+    MinIO honour: of two writers racing, exactly one wins.
+    """
+    if is_s3(uri):
+        import boto3
+        from botocore.exceptions import ClientError
+
+        s3 = s3 or {}
+        key, secret = _credentials(s3)
+        client = boto3.client("s3", endpoint_url=s3.get("endpoint"), region_name=s3.get("region") or "us-east-1",
+                              aws_access_key_id=key, aws_secret_access_key=secret)
+        bucket, _, name = uri[len("s3://"):].partition("/")
+        try:
+            client.put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    path = os.path.abspath(uri.removeprefix("file://"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def delete_file(uri: str, s3: dict | None) -> None:
+    fs, path = filesystem(uri, s3)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass

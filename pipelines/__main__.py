@@ -35,9 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    """One command: the config checked whole before anything starts, one run context."""
+    """One command: the config checked whole before anything starts; a command that
+    writes the lake holds its lock (one writer per lake) for its whole run."""
     from pipelines.config import load_config
-    from pipelines.context import RunContext
+    from pipelines.context import new_run_id
+    from pipelines.lock import lake_lock
 
     if args.stage == "evaluate":
         from pipelines import evaluate
@@ -45,13 +47,22 @@ def run_command(args: argparse.Namespace) -> None:
         evaluate.main(args)
         return
     cfg = load_config(args.config, args.overrides)
+    run_id = cfg.rank.run_id or new_run_id()
+    with lake_lock(cfg, run_id, args.stage):
+        run_writer(args, cfg, run_id)
+
+
+def run_writer(args: argparse.Namespace, cfg, run_id: str) -> None:
+    """A command that writes the lake (the caller holds the lake's lock)."""
+    from pipelines.config import load_config
+    from pipelines.context import RunContext
+
     if args.stage in ("nightly", "demo"):
         from pipelines import nightly
         from pipelines.synthetic import build_demo_models
 
         if args.stage == "demo":
             build_demo_models(cfg)
-
         state = nightly.run(cfg)
         if args.stage == "demo":
             from pipelines import benchmark
@@ -69,7 +80,7 @@ def run_command(args: argparse.Namespace) -> None:
 
         print(benchmark.run(RunContext.create(cfg)))
     else:
-        print(STAGES[args.stage].run(RunContext.create(cfg)).line())
+        print(STAGES[args.stage].run(RunContext.create(cfg, run_id)).line())
 
 
 def main(argv: list[str] | None = None) -> int:

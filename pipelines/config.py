@@ -190,6 +190,8 @@ NIGHTLY_STAGES = tuple(name for name in STAGES if name != "synth")
 RULES: dict[str, Rule] = {
     "seed": COUNT,
     "ray.num_cpus": POSITIVE,
+    "lock.wait_s": at_least(0), "lock.poll_s": above(0), "lock.heartbeat_s": above(0),
+    "lock.stale_after_s": above(0),
     "images.min_side": POSITIVE,
     "images.max_side": POSITIVE,
     "images.max_pixels": POSITIVE,
@@ -327,6 +329,8 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
         broken.append(
             ("index.num_sub_vectors", sub, f"a divisor of models.embedder.dim={cfg.models.embedder.dim}")
         )
+    if cfg.lock.stale_after_s <= cfg.lock.heartbeat_s:
+        broken.append(("lock.stale_after_s", cfg.lock.stale_after_s, f"> lock.heartbeat_s={cfg.lock.heartbeat_s}"))
     if cfg.images.max_side < cfg.images.min_side:
         broken.append(("images.max_side", cfg.images.max_side, f">= images.min_side={cfg.images.min_side}"))
     return broken

@@ -105,7 +105,7 @@ def test_each_run_mode_gives_unit_query_vectors(tmp_path_factory, tiny_models, m
                                     "expected_prior": {"d_vl": 64, "cond_dim": 64}}, pa.schema([]))
     rng = random.Random(0)
     images = [draw(random_item(rng), 64, rng) for _ in range(3)]
-    rows = [{"query_id": f"q{i}", "query_key": "0" * 64, "modification_text": t, "shared_concept": c}
+    rows = [{"query_id": f"q{i}", "query_key": _key(f"q{i}"), "modification_text": t, "shared_concept": c}
             for i, (t, c) in enumerate([("make it red", "circle"), ("make it small", None), ("move it left", "square")])]
     v, desc = op.vectors(images, rows)
     assert v.shape == (3, 1, 64)
@@ -261,3 +261,86 @@ def test_an_error_raised_inside_a_query_actor_reaches_the_cli_as_one_line(s3_lak
     assert code == 2
     assert err.startswith("error: checkpoint ") and "cond_dim: expected 64, found 32" in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _key(text: str) -> str:
+    """A query key as ops/rank.py query_key makes them: a sha256 in hex."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Images:
+    """A TableReader holding an `images` table in memory (the ops' interface to the lake)."""
+
+    s3 = None
+
+    def __init__(self, rows):
+        self.rows = {r["image_id"]: r for r in rows}
+
+    def lookup(self, table, ids, columns, key="image_id", where=None):
+        assert table == "images"
+        return {i: self.rows[i] for i in ids if i in self.rows}
+
+    def scan(self, *a, **k):
+        return iter(())
+
+
+@pytest.mark.fast
+def test_every_row_of_a_repeated_query_id_is_rejected():
+    from ops.rank import resolve
+
+    tables = _Images([{"image_id": "a", "uri": "/a.png", "sha256": "s"}])
+    batch = pa.table({"query_id": ["q1", "q2", "q2", ""], "modification_text": ["red", "blue", "green", "x"],
+                      "reference_id": ["a", "a", "a", "a"]})
+    rows = {(r["query_id"], r["modification_text"]): r for r in
+            resolve(batch, tables, "query_only", {"v": 1}, duplicate_ids=frozenset({"q2"})).to_pylist()}
+    assert rows[("q1", "red")]["reject_reason"] is None and rows[("q1", "red")]["reference_sha256"] == "s"
+    assert rows[("q2", "blue")]["reject_reason"] == rows[("q2", "green")]["reject_reason"] == \
+        "duplicate query_id in the queries table"
+    assert rows[("", "x")]["reject_reason"] == "empty query_id"
+
+
+def test_a_query_vector_does_not_depend_on_its_batch(tmp_path_factory, tiny_models, checkpoints):
+    """Each query's noise comes from its own key: the same vector alone, in a batch of 8
+    and in another batch of 8 (the query_vectors cache promises equal keys, equal vectors)."""
+    import random
+
+    from ops.rank import QueryOp
+    from pipelines.config import plain
+    from pipelines.synthetic import draw, random_item
+
+    cfg = tiny_config(tmp_path_factory.mktemp("seed"), tiny_models, "rank.mode=full", "sampling.sampler=ddpm",
+                      "sampling.num_steps=6")
+    op = QueryOp(plain(cfg), None, {"prior": checkpoints[0], "adapter": checkpoints[1],
+                                    "expected_prior": {"d_vl": 64, "cond_dim": 64}}, pa.schema([]))
+    rng = random.Random(1)
+    images = [draw(random_item(rng), 64, rng) for _ in range(15)]
+    rows = [{"query_id": f"q{i}", "query_key": _key(f"q{i}"), "modification_text": f"make it shape {i % 3}",
+             "shared_concept": None} for i in range(15)]
+    alone = op.vectors(images[:1], rows[:1])[0][0]
+    first = op.vectors(images[:8], rows[:8])[0][0]
+    other = op.vectors([images[0]] + images[8:], [rows[0]] + rows[8:])[0][0]
+    torch.testing.assert_close(first, alone, atol=1e-4, rtol=0)
+    torch.testing.assert_close(other, alone, atol=1e-4, rtol=0)
+    # The noise is the query's own: the same query under another key samples another vector.
+    moved = op.vectors(images[:1], [dict(rows[0], query_key=_key("another"))])[0][0]
+    assert (moved - alone).abs().max() > 1e-2
+
+
+def test_query_actors_fetch_their_own_checkpoint_copies(s3_lake, tiny_models):
+    """The rank stage hands the actors the checkpoints' URIs (here s3://), never a path
+    that exists only on the driver; each actor copies them into a folder of its own."""
+    from ops.rank import QueryOp
+    from pipelines.context import RunContext
+    from pipelines.rank import checkpoint_uris
+
+    run_dir, extra = s3_lake
+    ctx = RunContext.create(tiny_config(run_dir, tiny_models, *extra, "rank.mode=full"))
+    uris = checkpoint_uris(ctx, {"prior", "adapter"})
+    assert uris["prior"] == ctx.cfg.train_stage1.output and uris["prior"].startswith("s3://")
+    assert uris["adapter"] == ctx.cfg.train_stage2.output and uris["adapter"].startswith("s3://")
+    op = QueryOp(ctx.conf, ctx.lake, uris, pa.schema([]))
+    assert op.prior is not None and op.adapter is not None
+    copies = os.listdir(op._cache)
+    assert sorted(copies) == ["adapter", "prior"]

@@ -29,3 +29,20 @@ def test_stages_round_trip_through_s3(tmp_path, tiny_models, ray_local, s3_serve
                for info in fs.get_file_info([f"{staging}/{s}.lance/_versions" for s in ("ingest", "caption", "embed")]))
     again = [run_stage(cfg, s) for s in ("ingest", "caption", "embed")]
     assert [s.written for s in again] == [0, 0, 0] and [s.skipped for s in again] == [6, 6, 6]
+
+
+def test_the_lake_lock_on_s3_admits_one_writer(tmp_path, tiny_models, s3_server):
+    from pipelines.lock import LakeLocked, lake_lock
+
+    s3 = s3_server
+    cfg = make_config(tmp_path, tiny_models, "storage.root=s3://lake/locked", f"storage.s3.endpoint={s3['endpoint']}",
+                      "storage.s3.access_key_id=testing", "storage.s3.secret_access_key=testing",
+                      "storage.s3.allow_http=true")
+    with lake_lock(cfg, "first", "nightly"):
+        try:
+            with lake_lock(cfg, "second", "nightly"):
+                raise AssertionError("two writers held the lake")
+        except LakeLocked as e:
+            assert "run first (nightly)" in str(e)
+    with lake_lock(cfg, "second", "nightly"):  # released: the next run takes it
+        pass

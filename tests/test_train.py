@@ -235,3 +235,15 @@ def test_ray_job_submit_runs_stage1(tmp_path, lake_dir, tiny_models):
 
 def cfg_storage(lake_dir) -> str:
     return os.path.join(lake_dir, "lake", "training")
+
+
+def test_asking_for_a_gpu_the_cluster_lacks_fails_at_once(lake_dir, tiny_models):
+    """Ray would wait forever for a GPU that a CPU-only cluster never gets: the stage is
+    refused within seconds, naming what it asked for, by which keys, and what there is."""
+    from pipelines.context import ResourceError
+
+    started = time.monotonic()
+    with pytest.raises(ResourceError, match=r"train_stage1 \(1 workers\) asks for 1 GPU \(.*train.use_gpu\) "
+                                            r"but the Ray cluster has 0 GPU"):
+        train(_cfg(lake_dir, tiny_models, "train.use_gpu=true", "train_stage1.run_name=gpu"), "stage1")
+    assert time.monotonic() - started < 30
