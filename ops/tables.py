@@ -25,32 +25,50 @@ class TableReader(Protocol):
         """`table`'s rows in batches of at most `batch_size` (a missing table: none)."""
 
 
-def keep_changed(batch: pa.Table, tables: TableReader, table: str, compare: dict[str, str],
-                 constants: dict[str, str] | None = None, where: str | None = None,
-                 key: str = "image_id") -> pa.Table:
-    """Rows of `batch` that `table` lacks or holds with other values; rows to reject always pass.
+CHANGE = "change"  # the column classify_changes adds: new, changed, unchanged or rejected
+
+
+def classify_changes(batch: pa.Table, tables: TableReader, table: str, compare: dict[str, str],
+                     constants: dict[str, str] | None = None, where: str | None = None,
+                     key: str = "image_id") -> pa.Table:
+    """`batch` with a `change` column: `new` (a key `table` lacks), `changed` (held with
+    other values), `unchanged`, or `rejected` (the row carries a reject_reason).
 
     `compare` maps a table column to the batch column it must equal; `constants` a table
     column to the value it must have (the model that wrote it). One keyed lookup per batch,
     so nothing of the table is collected anywhere.
     """
     ids = batch.column(key).to_pylist()
-    existing = tables.lookup(
-        table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where
-    )
+    existing = tables.lookup(table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where)
     batch_cols = {c: batch.column(c).to_pylist() for c in compare.values()}
-    rejects = (
-        batch.column("reject_reason").to_pylist()
-        if "reject_reason" in batch.schema.names
-        else [None] * len(ids)
-    )
-    keep = []
+    rejects = batch.column("reject_reason").to_pylist() if "reject_reason" in batch.schema.names else [None] * len(ids)
+    kinds = []
     for n, row_key in enumerate(ids):
         row = existing.get(row_key)
-        same = (
-            row is not None
-            and all(row[t] == batch_cols[b][n] for t, b in compare.items())
-            and all(row[t] == v for t, v in (constants or {}).items())
-        )
-        keep.append(rejects[n] is not None or not same)
-    return batch.filter(pa.array(np.array(keep, dtype=bool)))
+        if rejects[n] is not None:
+            kinds.append("rejected")
+        elif row is None:
+            kinds.append("new")
+        elif all(row[t] == batch_cols[b][n] for t, b in compare.items()) and \
+                all(row[t] == v for t, v in (constants or {}).items()):
+            kinds.append("unchanged")
+        else:
+            kinds.append("changed")
+    return batch.append_column(CHANGE, pa.array(kinds, pa.string()))
+
+
+def keep_changed(batch: pa.Table, tables: TableReader, table: str, compare: dict[str, str],
+                 constants: dict[str, str] | None = None, where: str | None = None,
+                 key: str = "image_id") -> pa.Table:
+    """Rows of `batch` that `table` lacks or holds with other values (classify_changes);
+    rows to reject always pass, so that the stage records them."""
+    classified = classify_changes(batch, tables, table, compare, constants, where, key)
+    keep = np.array([k != "unchanged" for k in classified.column(CHANGE).to_pylist()], dtype=bool)
+    return batch.filter(pa.array(keep))
+
+
+def count_changes(batch: pa.Table) -> pa.Table:
+    """One row per kind of change in a classified batch, with its count (for dry runs)."""
+    kinds = batch.column(CHANGE).to_pylist()
+    names = sorted(set(kinds))
+    return pa.table({CHANGE: names, "rows": [kinds.count(n) for n in names]})

@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", action="append", default=None,
                         help="deployment config (conf/demo.yaml, conf/prod.yaml); repeat to layer files")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. caption.batch_size=4")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say what would be processed (new, changed, unchanged, rejected rows) without "
+                             "running a model or writing anything")
     ev = parser.add_argument_group("evaluate")
     ev.add_argument("--benchmark", choices=("cirr", "fashioniq", "circo"))
     ev.add_argument("--annotations", help="the benchmark's root folder, in its official layout")
@@ -38,7 +41,7 @@ def run_command(args: argparse.Namespace) -> None:
     """One command: the config checked whole before anything starts; a command that
     writes the lake holds its lock (one writer per lake) for its whole run."""
     from pipelines.config import load_config
-    from pipelines.context import new_run_id
+    from pipelines.context import RunContext, new_run_id
     from pipelines.lock import lake_lock
 
     if args.stage == "evaluate":
@@ -48,6 +51,14 @@ def run_command(args: argparse.Namespace) -> None:
         return
     cfg = load_config(args.config, args.overrides)
     run_id = cfg.rank.run_id or new_run_id()
+    if args.dry_run:  # writes nothing: no lock
+        if args.stage in ("nightly", "demo", "benchmark"):
+            from pipelines import nightly
+
+            nightly.run(cfg, dry_run=True)
+        else:
+            print(STAGES[args.stage].run(RunContext.create(cfg, run_id, dry_run=True)).line())
+        return
     with lake_lock(cfg, run_id, args.stage):
         run_writer(args, cfg, run_id)
 

@@ -17,6 +17,10 @@ from pipelines.context import RunContext, new_run_id
 from pipelines.registry import STAGES
 
 
+# The row of a random ranking (pipelines/evaluate.py chance): what a method must beat.
+CHANCE = "chance (random ranking)"
+
+
 def markdown(name: str, split: str, results: dict[str, dict[str, float]]) -> str:
     keys = list(next(iter(results.values())))
     lines = [f"| {name} {split} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -24,10 +28,13 @@ def markdown(name: str, split: str, results: dict[str, dict[str, float]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def html_table(md: str) -> str:
+def html_table(md: str, note: str = "") -> str:
     rows = [r.strip("|").split("|") for r in md.strip().splitlines() if not r.startswith("|---")]
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<h2>Benchmark</h2><table>{cells}</table>"
+    def row(r: list[str]) -> str:
+        css = ' class="chance"' if r[0].strip() == CHANCE else ""
+        return f"<tr{css}>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+
+    return f"<h2>Benchmark</h2><table>{''.join(map(row, rows))}</table><p>{html.escape(note)}</p>"
 
 
 def run(ctx: RunContext) -> str:
@@ -49,18 +56,18 @@ def run(ctx: RunContext) -> str:
         print(ctx.lines[-1], flush=True)
     results = {}
     for mode in e.modes:
-        summary = STAGES["rank"].run(
-            ctx.with_settings(run_id=f"{e.benchmark}-{mode}-{stamp}", **{"rank.mode": mode})
-        )
+        ctx.page_runs[mode] = f"{e.benchmark}-{mode}-{stamp}"
+        summary = STAGES["rank"].run(ctx.with_settings(run_id=ctx.page_runs[mode], **{"rank.mode": mode}))
         ctx.lines.append(summary.line())
         print(ctx.lines[-1], flush=True)
         results[mode] = evaluate.evaluate(
             b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3))
         )
+    results[CHANCE] = evaluate.chance(b, cfg.seed)
     md = markdown(e.benchmark, e.split, results)
     write_bytes(f"{e.out_dir}/results.md", md.encode(), dict(cfg.storage.s3))
     write_bytes(f"{e.out_dir}/results.json", json.dumps(results, indent=1).encode(), dict(cfg.storage.s3))
-    ctx.page_header = html_table(md)
+    ctx.page_header = html_table(md, f"{CHANCE}: the same metrics of a random ranking of the gallery")
     page = STAGES["report"].run(ctx).note
     print(md)
     return (

@@ -12,8 +12,7 @@ from ops.caption import (
     vllm_result,
 )
 from ops.schemas import CAPTIONS
-from ops.tables import keep_changed
-from pipelines.common import any_rows, begin_model_stage, map_with_model, read_table, stage_and_commit
+from pipelines.common import begin_model_stage, map_with_model, read_table, select_work, stage_and_commit
 from pipelines.config import ConfigError, plain
 from pipelines.context import RunContext, Summary
 
@@ -78,18 +77,10 @@ def run(ctx: RunContext) -> Summary:
     if summary is None:
         return Summary("caption")
     lake = ctx.lake
-    todo = read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"]).map_batches(
-        keep_changed,
-        batch_format="pyarrow",
-        fn_kwargs=dict(
-            tables=lake,
-            table="captions",
-            compare={"sha256": "sha256"},
-            constants={"model": ctx.cfg.models.captioner.name_or_path},
-        ),
-    )
-    if not any_rows(todo):
-        summary.skipped = summary.read
+    images = read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"])
+    todo = select_work(ctx, summary, images, table="captions", compare={"sha256": "sha256"},
+                       constants={"model": ctx.cfg.models.captioner.name_or_path})
+    if todo is None:
         return summary
     if ctx.cfg.caption.backend == "vllm":
         staged = _with_vllm(ctx, todo)

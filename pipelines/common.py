@@ -101,6 +101,31 @@ def duplicate_ids(
     )
 
 
+def select_work(ctx: RunContext, summary: Summary, ds: ray.data.Dataset, **compare) -> ray.data.Dataset | None:
+    """The rows of `ds` whose output is missing or stale in the table (ops/tables.py
+    classify_changes with `compare`'s arguments), or None when there is nothing to do.
+
+    In a dry run (ctx.dry_run) it counts them instead, into the summary (new, changed,
+    unchanged, rejected), and returns None: the stage then runs no model and writes nothing.
+    """
+    from ops.tables import classify_changes, count_changes, keep_changed
+
+    if ctx.dry_run:
+        classified = ds.map_batches(classify_changes, batch_format="pyarrow", fn_kwargs=dict(tables=ctx.lake, **compare))
+        counts = {k: 0 for k in ("new", "changed", "unchanged", "rejected")}
+        for row in classified.map_batches(count_changes, batch_format="pyarrow").take_all():
+            counts[row["change"]] += row["rows"]
+        summary.extra.update(counts)
+        summary.skipped = counts["unchanged"]
+        summary.note = "dry run: no model ran, nothing was written"
+        return None
+    todo = ds.map_batches(keep_changed, batch_format="pyarrow", fn_kwargs=dict(tables=ctx.lake, **compare))
+    if not any_rows(todo):
+        summary.skipped = summary.read
+        return None
+    return todo
+
+
 def any_rows(ds: ray.data.Dataset) -> bool:
     """Whether the (filtered) dataset yields a row, found by streaming until the first one:
     on an unchanged catalogue a stage then starts no model actor at all (the keyed

@@ -86,12 +86,17 @@ class RunContext:
     run_id: str
     # Summary lines of the stages run so far in this command (the results page shows them).
     lines: list[str] = field(default_factory=list)
-    # HTML put at the top of the results page (the benchmark's table).
+    # HTML put at the top of the results page (the benchmark's table), and the runs the
+    # page shows side by side (mode -> run id; empty: this run alone).
     page_header: str = ""
+    page_runs: dict = field(default_factory=dict)
+    # Say what would be processed (counts of new, changed, unchanged, rejected rows)
+    # without running a model or writing anything.
+    dry_run: bool = False
 
     @classmethod
-    def create(cls, cfg: DictConfig, run_id: str | None = None) -> "RunContext":
-        return cls(cfg, Lake.from_conf(cfg), run_id or cfg.rank.run_id or new_run_id())
+    def create(cls, cfg: DictConfig, run_id: str | None = None, dry_run: bool = False) -> "RunContext":
+        return cls(cfg, Lake.from_conf(cfg), run_id or cfg.rank.run_id or new_run_id(), dry_run=dry_run)
 
     @cached_property
     def conf(self) -> dict:
@@ -104,7 +109,8 @@ class RunContext:
         for k, v in dotted.items():
             OmegaConf.update(c, k.replace("__", "."), v)
         OmegaConf.set_readonly(c, True)
-        return RunContext(c, Lake.from_conf(c), run_id or self.run_id, self.lines, self.page_header)
+        return RunContext(c, Lake.from_conf(c), run_id or self.run_id, self.lines, self.page_header,
+                          self.page_runs, self.dry_run)
 
     def start_ray(self) -> None:
         init_ray(self.cfg)

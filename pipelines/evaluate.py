@@ -223,6 +223,25 @@ def evaluate(b: Benchmark, rankings: dict[str, list[str]]) -> dict[str, float]:
     return {f"mAP@{k}": v for k, v in m.items()}
 
 
+def chance(b: Benchmark, seed: int = 0) -> dict[str, float]:
+    """The metrics of a random ranking of the gallery (the mean of seeded draws, about
+    20,000 query rankings in all), computed by the same metric code as the methods':
+    the chance level beside every table. Galleries over 10,000 images draw only each
+    query's top 60."""
+    import random
+
+    rng = random.Random(seed)
+    trials = max(1, min(200, 20_000 // max(1, len(b.truth))))
+    ids = [g["image_id"] for g in b.gallery]
+    depth = len(ids) if len(ids) <= 10_000 else min(len(ids), 60)
+    total: dict[str, float] = {}
+    for _ in range(trials):
+        ranked = {q: rng.sample(ids, depth) for q in b.truth}
+        for k, v in evaluate(b, ranked).items():
+            total[k] = total.get(k, 0.0) + v / trials
+    return total
+
+
 def submission(
     b: Benchmark, rankings: dict[str, list[str]], out_dir: str, s3: dict | None = None
 ) -> list[str]:

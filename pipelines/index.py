@@ -24,6 +24,9 @@ def run(ctx: RunContext) -> Summary:
             f"no index (fewer than index.min_rows={ix.min_rows} gallery vectors; rank searches exactly)"
         )
         return summary
+    if ctx.dry_run:
+        summary.note = "dry run: the index would be " + ("refreshed" if has_vector_index(ds) else "built")
+        return summary
     table = lancedb.connect(lake.root, storage_options=lake.storage_options).open_table("embeddings")
     summary.written = summary.read
     if has_vector_index(ds):

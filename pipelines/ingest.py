@@ -5,8 +5,7 @@ import ray
 
 from ops.ingest import OUTPUT_SCHEMA, IngestOp
 from ops.schemas import IMAGES
-from ops.tables import keep_changed
-from pipelines.common import duplicate_ids, read_manifest, stage_and_commit
+from pipelines.common import duplicate_ids, read_manifest, select_work, stage_and_commit
 from pipelines.context import RunContext, Summary
 
 
@@ -26,15 +25,12 @@ def run(ctx: RunContext) -> Summary:
         batch_size=cfg.ingest.batch_size,
         batch_format="pyarrow",
         num_cpus=1,
-    ).map_batches(
-        keep_changed,
-        batch_format="pyarrow",
-        fn_kwargs=dict(
-            tables=lake,
-            table="images",
-            compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"},
-        ),
     )
+    staged = select_work(ctx, summary, staged, table="images",
+                         compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"})
+    if staged is None:
+        summary.rejected = summary.extra.get("rejected", 0)
+        return summary
     counts = stage_and_commit(staged, lake, "ingest", OUTPUT_SCHEMA, "images", ["image_id"], IMAGES)
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - counts["rejected"]

@@ -28,11 +28,19 @@ def _save_state(cfg, state: dict) -> None:
     write_bytes(_state_uri(cfg), json.dumps(state, indent=1).encode(), dict(cfg.storage.s3))
 
 
-def run(cfg, stages: list[str] | None = None) -> dict:
+def run(cfg, stages: list[str] | None = None, dry_run: bool = False) -> dict:
     """Runs `stages` (nightly.stages by default; the config's rules checked the names)
-    and returns the run's state: run_id, status, done, summaries, seconds."""
+    and returns the run's state: run_id, status, done, summaries, seconds. A dry run
+    asks each stage what it would do and keeps no state."""
     stages = list(stages or cfg.nightly.stages)
     t0 = time.monotonic()
+    if dry_run:
+        ctx = RunContext.create(cfg, dry_run=True)
+        summaries = {s: STAGES[s].run(ctx) for s in stages}
+        for s in summaries.values():
+            print(s.line(), flush=True)
+        return {"run_id": ctx.run_id, "stages": stages, "status": "dry run", "done": [],
+                "summaries": {k: v.to_dict() for k, v in summaries.items()}}
     state = load_state(cfg)
     if state and state.get("status") == "running" and state.get("stages") == stages:
         print(

@@ -1,18 +1,21 @@
 """Stage `report`: one static HTML page per run, with its thumbnails.
 
-For a sample of queries (the first `report.num_queries` by query_id): the reference
-image, the modification text, the generated description and the top `report.top_k`
-images with their scores, the known target (the queries table's target_id) outlined
-where there is one; and the run's stage lines and timings. Written to
-<report.dir>/<run_id>/index.html, and <report.dir>/index.html points at the newest run.
+A page a catalogue team can send around: a header saying what ran on what (run, date,
+mode, models and checkpoints, config digest), a legend (what the scores and modes
+are), the benchmark's table with its chance level when there is one, then one row per
+query in natural order (q2 before q10) with a search box: the reference image, the
+modification, and for each mode that ran (the benchmark runs several: side by side)
+the generated description and the top `report.top_k` images with their scores, the
+known target (the queries table's target_id) outlined. Last, the run's stage lines.
+Written to <report.dir>/<run_id>/index.html; <report.dir>/index.html points at the newest.
 """
 from __future__ import annotations
 
 import html
 import io
 import os
+import re
 import time
-
 
 import pyarrow as pa
 
@@ -23,11 +26,34 @@ from pipelines.context import RunContext, Summary
 from pipelines.lake import TableError, lookup, sql_in
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
-td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}td.top{white-space:nowrap}
-figure{display:inline-block;margin:0 6px;text-align:center}
+td,th{vertical-align:top;padding:6px;border-bottom:1px solid #ddd;text-align:left}td.top{white-space:nowrap}
+figure{display:inline-block;margin:0 4px;text-align:center}
 figure img{display:block;border:3px solid transparent}figure.target img{border-color:#1a9850}
 figcaption{font-size:11px}.desc{max-width:260px;font-size:12px;color:#555}
-pre{background:#f6f6f6;padding:8px}"""
+pre{background:#f6f6f6;padding:8px}dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}
+dt{font-weight:bold}dd{margin:0;font-family:monospace}.legend{max-width:900px;color:#444}
+#search{font-size:14px;padding:4px;width:320px;margin:8px 0}.chance td{color:#888;font-style:italic}"""
+
+SEARCH_JS = """<script>
+function filterRows(text){text=text.toLowerCase();for(const tr of document.querySelectorAll('tr.query')){
+tr.style.display=tr.dataset.search.includes(text)?'':'none';}
+const shown=document.querySelectorAll('tr.query:not([style*="none"])');
+document.getElementById('shown').textContent=shown.length;}
+</script>"""
+
+MODES = {
+    "full": "Fusion-Diff: a target embedding sampled from the prior + Control-Adapter, given the "
+            "generated description and the query's own embedding",
+    "query_only": "the query's own fused embedding f_M(reference image, modification), no diffusion",
+    "prior_only": "sampled from the Stage 1 prior given the generated description alone",
+    "joint": "MVFT-JI's joint score: w cos(query, image) + (1 - w) cos(description, image)",
+    "text": "a text-only query (TIGeR): the prior sampled from the text, or the text's own embedding",
+}
+
+
+def natural_key(text: str) -> list:
+    """q2 before q10: digits compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
 
 
 def _thumb(uri: str, s3: dict, size: int) -> bytes | None:
@@ -50,34 +76,53 @@ def _figure(src: str | None, caption: str, target: bool) -> str:
 def run(ctx: RunContext) -> Summary:
     """The page of the context's run, for the first `report.num_queries` queries."""
     ctx.start_ray()
-    sample = pa.Table.from_pylist(read_queries(ctx).sort("query_id").take(ctx.cfg.report.num_queries))
-    page = write(ctx, sample)
+    queries = read_queries(ctx).take_all()
+    sample = pa.Table.from_pylist(
+        sorted(queries, key=lambda q: natural_key(q["query_id"]))[: ctx.cfg.report.num_queries]
+    )
+    if ctx.dry_run:
+        return Summary("report", read=sample.num_rows, note="dry run: no page written")
+    page = write(ctx, sample, ctx.page_runs or None)
     return Summary("report", read=sample.num_rows, written=1, note=f"page at {page}")
 
 
-def write(ctx: RunContext, queries_table: pa.Table) -> str:
-    """The page of run `ctx.run_id` for the queries of `queries_table`; returns its path (or URI)."""
-    lake, r, run_id = ctx.lake, ctx.cfg.report, ctx.run_id
-    stage_lines, extra_html = ctx.lines, ctx.page_header
-    out = f"{r.dir.rstrip('/')}/{run_id}"
+def _header(rankings, run_ids: dict[str, str]) -> str:
+    """What ran on what: one line of provenance per mode's run."""
+    cols = ["run_id", "run_date", "mode", "embedder", "prior_version", "adapter_version", "config_hash"]
+    rows = []
+    for mode, run_id in run_ids.items():
+        meta = rankings.to_table(columns=cols, filter=f"run_id = '{run_id}'", limit=1).to_pylist()
+        if meta:
+            m = meta[0]
+            rows.append("".join(f"<td>{html.escape(str(m[c] or '-'))}</td>" for c in cols))
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    return f"<table class=runs><tr>{head}</tr>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>"
+
+
+def write(ctx: RunContext, queries_table: pa.Table, run_ids: dict[str, str] | None = None) -> str:
+    """The page for the queries of `queries_table`, showing each mode's run of `run_ids`
+    (mode -> run id; default: the context's run alone); returns its path (or URI)."""
+    lake, r = ctx.lake, ctx.cfg.report
     rankings = lake.open("rankings")
     if rankings is None:
         raise TableError(f"no rankings table at {lake.uri('rankings')}: run rank first")
-    qids = sorted(queries_table.column("query_id").to_pylist())[: r.num_queries]
+    if run_ids is None:
+        found = rankings.to_table(columns=["mode"], filter=f"run_id = '{ctx.run_id}'", limit=1).to_pylist()
+        run_ids = {found[0]["mode"] if found else ctx.cfg.rank.mode: ctx.run_id}
+    out = f"{r.dir.rstrip('/')}/{ctx.run_id}"
+    qids = sorted(queries_table.column("query_id").to_pylist(), key=natural_key)[: r.num_queries]
     queries = {row["query_id"]: row for row in queries_table.to_pylist() if row["query_id"] in set(qids)}
-    rows = (
-        rankings.to_table(filter=f"run_id = '{run_id}' AND rank <= {r.top_k} AND " + sql_in("query_id", qids))
-        if qids
-        else None
-    )
-    by_query: dict[str, list[dict]] = {}
-    for row in (
-        rows.sort_by([("query_id", "ascending"), ("rank", "ascending")]).to_pylist()
-        if rows is not None
-        else []
-    ):
-        by_query.setdefault(row["query_id"], []).append(row)
-    image_ids = {x["image_id"] for v in by_query.values() for x in v}
+    ranked: dict[tuple[str, str], list[dict]] = {}
+    for mode, run_id in run_ids.items():
+        if not qids:
+            break
+        rows = rankings.to_table(
+            columns=["query_id", "rank", "image_id", "score", "description"],
+            filter=f"run_id = '{run_id}' AND rank <= {r.top_k} AND " + sql_in("query_id", qids),
+        )
+        for row in rows.sort_by([("query_id", "ascending"), ("rank", "ascending")]).to_pylist():
+            ranked.setdefault((mode, row["query_id"]), []).append(row)
+    image_ids = {x["image_id"] for v in ranked.values() for x in v}
     image_ids |= {q.get("reference_id") for q in queries.values() if q.get("reference_id")}
     uris = {k: v["uri"] for k, v in lookup(lake.open("images"), sorted(image_ids), ["uri"]).items()}
     thumbs = {}
@@ -88,45 +133,57 @@ def write(ctx: RunContext, queries_table: pa.Table) -> str:
             thumbs[image_id] = f"thumbs/{image_id}.jpg"
     body = []
     for qid in qids:
-        q, ranked = queries[qid], by_query.get(qid, [])
-        ref = q.get("reference_id")
-        desc = ranked[0]["description"] if ranked and ranked[0]["description"] else ""
-        cells = "".join(
-            _figure(
-                thumbs.get(x["image_id"]),
-                f"#{x['rank']} {x['image_id']} {x['score']:.3f}",
-                x["image_id"] == q.get("target_id"),
+        q, ref = queries[qid], queries[qid].get("reference_id")
+        cells = []
+        for mode in run_ids:
+            top = ranked.get((mode, qid), [])
+            desc = top[0]["description"] if top and top[0]["description"] and mode != "text" else ""
+            figs = "".join(
+                _figure(
+                    thumbs.get(x["image_id"]),
+                    f"#{x['rank']} {x['image_id']} {x['score']:.3f}",
+                    x["image_id"] == q.get("target_id"),
+                )
+                for x in top
             )
-            for x in ranked
-        )
+            cells.append(
+                f"<td class=top><div class=desc>{html.escape(desc)}</div>"
+                f"{figs or '(not ranked: see the rejects table)'}</td>"
+            )
+        search = " ".join(
+            str(v) for v in (qid, q.get("modification_text"), ref, q.get("target_id")) if v
+        ).lower()
         body.append(
-            f"<tr><td>{html.escape(qid)}</td>"
+            f'<tr class=query data-search="{html.escape(search)}"><td>{html.escape(qid)}</td>'
             f"<td>{_figure(thumbs.get(ref), ref or '(text query)', False)}</td>"
-            f"<td><b>{html.escape(q['modification_text'] or '')}</b>"
-            f"<div class=desc>{html.escape(desc)}</div></td>"
-            f"<td class=top>{cells or '(not ranked: see rejects)'}</td></tr>"
+            f"<td><b>{html.escape(q['modification_text'] or '')}</b></td>{''.join(cells)}</tr>"
         )
-    meta = rankings.to_table(
-        columns=["mode", "prior_version", "adapter_version", "config_hash"],
-        filter=f"run_id = '{run_id}'",
-        limit=1,
-    ).to_pylist()
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rankings {html.escape(run_id)}</title>
-<style>{STYLE}</style></head><body>
-<h1>Run {html.escape(run_id)}</h1>
-<p>{html.escape(str(meta[0]) if meta else "")}</p>
-{extra_html}
-<p>Known targets are outlined in green. Scores are cosine similarities.</p>
-<table><tr><th>query</th><th>reference</th><th>modification / generated description</th>
-<th>top {r.top_k}</th></tr>
+    mode_heads = "".join(f"<th>{html.escape(m)}: top {r.top_k}</th>" for m in run_ids)
+    legend = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(MODES.get(m, ''))}</li>" for m in run_ids)
+    title = ", ".join(f"{m} ({i})" for m, i in run_ids.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rankings {html.escape(title)}</title>
+<style>{STYLE}</style>{SEARCH_JS}</head><body>
+<h1>Composed image retrieval: {html.escape(ctx.run_id)}</h1>
+{_header(rankings, run_ids)}
+<div class=legend><p>Each query is a reference image and a modification ("this image, but ..."). Under each
+mode: the description of the target the describer wrote (where the mode writes one) and the
+top {r.top_k} catalogue images, best first. Scores are cosine similarities between the query's
+vector and the image's vector (1 is identical, 0 unrelated); a known target is outlined in
+green.</p><ul>{legend}</ul></div>
+{ctx.page_header}
+<p><input id=search placeholder="search query id, text or image id" oninput="filterRows(this.value)">
+<span id=shown>{len(qids)}</span> of {len(qids)} queries shown
+(the first {r.num_queries} in natural order).</p>
+<table><tr><th>query</th><th>reference</th><th>modification</th>{mode_heads}</tr>
 {"".join(body)}</table>
-<h2>Stages</h2><pre>{html.escape(chr(10).join(stage_lines))}</pre>
+<h2>Stages</h2><pre>{html.escape(chr(10).join(ctx.lines))}</pre>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}.</p></body></html>"""
     write_bytes(f"{out}/index.html", page.encode(), lake.s3)
+    run_id = html.escape(ctx.run_id)
     write_bytes(
         f"{r.dir.rstrip('/')}/index.html",
         f'<!doctype html><meta http-equiv="refresh" content="0; url={run_id}/index.html">'
-        f'<a href="{run_id}/index.html">run {html.escape(run_id)}</a>'.encode(),
+        f'<a href="{run_id}/index.html">run {run_id}</a>'.encode(),
         lake.s3,
     )
     return f"{out}/index.html" if is_s3(out) else os.path.abspath(f"{out}/index.html")

@@ -278,6 +278,8 @@ def run(ctx) -> "Summary":
     from pipelines.context import Summary
 
     s = ctx.cfg.synthetic
+    if ctx.dry_run:
+        return Summary("synth", note=f"dry run: would draw {s.num_images} images into {s.out_dir}")
     uris = synth(ctx.cfg)
     built = build_demo_models(ctx.cfg)
     return Summary(

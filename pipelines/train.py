@@ -401,6 +401,11 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     check_resumable(cfg, stage, prior_config, lake.s3)
     newest = _newest_checkpoint(tc.storage, sc.run_name, lake.s3)
     before = (read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
+    if ctx.dry_run:
+        summary.read = rows
+        summary.extra.update(steps_per_epoch=per_epoch, resume_from=before.get("step", 0), total=total)
+        summary.note = "dry run: no worker started, nothing was written"
+        return summary
 
     marker_fs, marker = filesystem(_stop_marker(cfg, stage), lake.s3)
     if marker_fs.get_file_info(marker).type.name != "NotFound":

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from model.text_encoder import text_encoder_name
 from ops.schemas import triplet_embeddings_schema
-from ops.tables import keep_changed
 from ops.triplets import TRIPLET_COLUMNS, TripletEmbedOp, hash_triplets, staged_schema
-from pipelines.common import any_rows, check_embedder, map_with_model, read_manifest, stage_and_commit
+from pipelines.common import check_embedder, map_with_model, read_manifest, select_work, stage_and_commit
 from pipelines.context import RunContext, Summary
+
+COMPARED = ("source_sha256", "target_sha256", "instruction", "target_description", "cond_text")
 
 
 def run(ctx: RunContext) -> Summary:
@@ -19,49 +20,20 @@ def run(ctx: RunContext) -> Summary:
     summary = Summary("triplets")
     check_embedder(ctx, table="triplet_embeddings", column="z_query")
     model = cfg.models.embedder
-    ds = read_manifest(
-        cfg.catalogue.triplets, lake.s3, required=TRIPLET_COLUMNS, optional=(), what="triplets"
-    )
+    ds = read_manifest(cfg.catalogue.triplets, lake.s3, required=TRIPLET_COLUMNS, optional=(), what="triplets")
     summary.read = ds.count()
     constants = {"model": model.name_or_path}
     if cfg.train.text_conditions == "precomputed":
-        constants["text_encoder"] = text_encoder_name(
-            ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"]
-        )
-    todo = ds.map_batches(
-        hash_triplets,
-        batch_format="pyarrow",
-        fn_kwargs=dict(
-            tables=lake, limits=ctx.conf["images"], condition_text=cfg.train_stage2.condition_text
-        ),
-    ).map_batches(
-        keep_changed,
-        batch_format="pyarrow",
-        fn_kwargs=dict(
-            tables=lake,
-            table="triplet_embeddings",
-            key="triplet_id",
-            compare={
-                c: c
-                for c in ("source_sha256", "target_sha256", "instruction", "target_description", "cond_text")
-            },
-            constants=constants,
-        ),
-    )
-    if not any_rows(todo):
-        summary.skipped = summary.read
+        constants["text_encoder"] = text_encoder_name(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
+    hashed = ds.map_batches(hash_triplets, batch_format="pyarrow", fn_kwargs=dict(
+        tables=lake, limits=ctx.conf["images"], condition_text=cfg.train_stage2.condition_text))
+    todo = select_work(ctx, summary, hashed, table="triplet_embeddings", key="triplet_id",
+                       compare={c: c for c in COMPARED}, constants=constants)
+    if todo is None:
         return summary
     staged = map_with_model(todo, ctx, TripletEmbedOp, "triplets")
-    counts = stage_and_commit(
-        staged,
-        lake,
-        "triplets",
-        staged_schema(model.dim),
-        "triplet_embeddings",
-        ["triplet_id"],
-        triplet_embeddings_schema(model.dim),
-        reject_key="triplet_id",
-    )
+    counts = stage_and_commit(staged, lake, "triplets", staged_schema(model.dim), "triplet_embeddings",
+                              ["triplet_id"], triplet_embeddings_schema(model.dim), reject_key="triplet_id")
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - summary.rejected
     return summary

@@ -42,12 +42,12 @@ def tiny_config(run_dir, tiny_models, *extra):
     return load_config("conf/demo.yaml", tiny_overrides(run_dir, tiny_models, *extra))
 
 
-def run_stage(cfg, name: str, run_id: str | None = None):
+def run_stage(cfg, name: str, run_id: str | None = None, dry_run: bool = False):
     """Stage `name` of the registry on `cfg`, as the command line runs it; its Summary."""
     from pipelines.context import RunContext
     from pipelines.registry import STAGES
 
-    return STAGES[name].run(RunContext.create(cfg, run_id))
+    return STAGES[name].run(RunContext.create(cfg, run_id, dry_run=dry_run))
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,16 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
     refreshed = _rankings(cfg, third["run_id"])
     assert refreshed.num_rows == 4 * 5
     assert nightly.load_state(cfg)["status"] == "finished"
+    assert nightly.load_state(cfg)["summaries"]["caption"]["written"] == 2  # the state keeps each Summary
+
+    # The Python API: the same stages and tables, the same errors.
+    from pipelines import api
+
+    newest = api.read_rankings(cfg)
+    assert newest.select(["query_id", "rank", "image_id", "score"]).equals(refreshed)
+    assert api.run_stage("index", cfg).note.startswith("no index")
+    with pytest.raises(api.PipelineError, match="no rankings of run 'nope'"):
+        api.read_rankings(cfg, "nope")
 
     # 5. The same catalogue in CIRR's layout (written by synth) evaluates the run's Parquet
     # rankings (what `benchmark` does for each mode; `make demo` runs the command itself).

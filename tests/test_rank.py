@@ -218,27 +218,47 @@ def chromium():
     return exe
 
 
-def test_results_page_shows_the_images_in_chromium(s3_lake, tiny_models, tmp_path, chromium):
+def test_results_page_shows_modes_side_by_side_in_chromium(s3_lake, tiny_models, tmp_path, chromium):
     from PIL import Image
 
     from pipelines import report
     from pipelines.context import RunContext
 
     run_dir, extra = s3_lake
-    cfg = tiny_config(run_dir, tiny_models, *extra, f"report.dir={tmp_path}/report")
+    cfg = tiny_config(run_dir, tiny_models, *extra, f"report.dir={tmp_path}/report", "report.num_queries=20")
+    run_stage(tiny_config(run_dir, tiny_models, *extra, "rank.mode=query_only", "rank.run_id=r2", "rank.top_k=5"),
+              "rank")
     queries = pq.read_table(f"{run_dir}/queries.parquet")
     ctx = RunContext.create(cfg, "r1")
     ctx.lines.append("[rank] run r1: read 8 queries")
-    page = report.write(ctx, queries)
+    page = report.write(ctx, queries, {"full": "r1", "query_only": "r2"})
     html = open(page).read()
-    assert html.count("<img") >= 6 * 6 and "bad_missing" in html and "[rank] run r1" in html
+    assert "[rank] run r1" in html and "<th>full: top 5</th><th>query_only: top 5</th>" in html
+    assert "{'" not in html  # provenance as a table, not a Python dict
+    for words in ("Scores are cosine similarities", "<b>full</b>: Fusion-Diff", "<b>query_only</b>: the query",
+                  "id=search", "</span> of 8 queries shown"):
+        assert words in html, words
+    # Natural order (q2 before q10; here the ids sort the same as text).
+    order = [line.split("<td>")[1].split("<")[0] for line in html.split("<tr class=query")[1:]]
+    assert order == sorted(order, key=report.natural_key) and order[:2] == ["bad_corrupt", "bad_missing"]
+    assert html.count("(not ranked: see the rejects table)") == 2 * 2  # two rejected queries, two modes
     shot = f"{tmp_path}/shot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,1400", f"file://{page}"], check=True, capture_output=True, timeout=120)
+                    "--window-size=1600,1400", f"file://{page}"], check=True, capture_output=True, timeout=120)
     im = np.asarray(Image.open(shot).convert("HSV"))
     coloured = ((im[..., 1] > 120) & (im[..., 2] > 80)).mean()  # saturated pixels: the drawn shapes
     # Text, rules and broken-image icons are grey; the thumbnails' shapes are saturated colours.
     assert coloured > 0.01, coloured
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"file://{page}"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="query"') == 8 and "function filterRows" in dom
+
+
+@pytest.mark.fast
+def test_natural_order_puts_q2_before_q10():
+    from pipelines.report import natural_key
+
+    assert sorted(["q10", "q2", "q1", "a", "q02b"], key=natural_key) == ["a", "q1", "q2", "q02b", "q10"]
 
 
 def test_an_error_raised_inside_a_query_actor_reaches_the_cli_as_one_line(s3_lake, tiny_models, tmp_path, capsys):

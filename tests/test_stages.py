@@ -163,3 +163,25 @@ def test_duplicate_ids_counted_locally_and_by_the_shuffle_agree(ray_local):
     local = duplicate_ids(ds, "image_id", 2, len(ids), local_max_rows=100)
     shuffled = duplicate_ids(ds, "image_id", 2, len(ids), local_max_rows=0)
     assert local == shuffled == frozenset({"a", "c"})  # empty ids are rejected on their own
+
+
+def test_dry_run_counts_the_work_and_writes_nothing(tmp_path, tiny_models, ray_local):
+    uris = make_catalogue(str(tmp_path / "cat"), num_images=5, image_size=64, num_triplets=0, num_queries=1, seed=8)
+    m = pq.read_table(uris["manifest"]).select(["image_id", "uri", "caption"]).to_pylist()
+    pq.write_table(pa.Table.from_pylist(m[:4]), tmp_path / "manifest.parquet")
+    cfg = make_config(tmp_path, tiny_models, f"catalogue.manifest={tmp_path}/manifest.parquet")
+    for stage in ("ingest", "caption"):
+        run_stage(cfg, stage)
+    with open(m[0]["uri"], "wb") as f:  # one changed, one new, one broken
+        f.write(png(draw(Item("circle", "orange", "large", "left", "black"), 64, random.Random(2))))
+    pq.write_table(pa.Table.from_pylist(m + [{"image_id": "broken", "uri": str(tmp_path / "no.png"), "caption": None}]),
+                   tmp_path / "manifest.parquet")
+    versions = {t: lance.dataset(f"{cfg.storage.root}/{t}.lance").version for t in ("images", "captions")}
+    s = run_stage(cfg, "ingest", dry_run=True)
+    assert (s.read, s.new, s.changed, s.unchanged, s.rejected, s.written) == (6, 1, 1, 3, 1, 0)
+    assert "dry run" in s.line()
+    c = run_stage(cfg, "caption", dry_run=True)  # the images table is as ingest last wrote it
+    assert (c.read, c.new, c.changed, c.unchanged, c.written) == (4, 0, 0, 4, 0)
+    assert {t: lance.dataset(f"{cfg.storage.root}/{t}.lance").version for t in versions} == versions
+    assert run_stage(cfg, "ingest").written == 2  # the real run does what the dry run said
+    assert run_stage(cfg, "caption", dry_run=True).new == 1
