@@ -111,13 +111,21 @@ def create_exclusive(uri: str, data: bytes, s3: dict | None) -> bool:
 
         s3 = s3 or {}
         key, secret = _credentials(s3)
-        client = boto3.client("s3", endpoint_url=s3.get("endpoint"), region_name=s3.get("region") or "us-east-1",
-                              aws_access_key_id=key, aws_secret_access_key=secret)
-        bucket, _, name = uri[len("s3://"):].partition("/")
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3.get("endpoint"),
+            region_name=s3.get("region") or "us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+        )
+        bucket, _, name = uri[len("s3://") :].partition("/")
         try:
             client.put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if e.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
                 return False
             raise
         return True

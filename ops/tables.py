@@ -39,9 +39,15 @@ def classify_changes(batch: pa.Table, tables: TableReader, table: str, compare: 
     so nothing of the table is collected anywhere.
     """
     ids = batch.column(key).to_pylist()
-    existing = tables.lookup(table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where)
+    existing = tables.lookup(
+        table, [i for i in ids if i], list(compare) + list(constants or {}), key=key, where=where
+    )
     batch_cols = {c: batch.column(c).to_pylist() for c in compare.values()}
-    rejects = batch.column("reject_reason").to_pylist() if "reject_reason" in batch.schema.names else [None] * len(ids)
+    rejects = (
+        batch.column("reject_reason").to_pylist()
+        if "reject_reason" in batch.schema.names
+        else [None] * len(ids)
+    )
     kinds = []
     for n, row_key in enumerate(ids):
         row = existing.get(row_key)
@@ -49,17 +55,24 @@ def classify_changes(batch: pa.Table, tables: TableReader, table: str, compare: 
             kinds.append("rejected")
         elif row is None:
             kinds.append("new")
-        elif all(row[t] == batch_cols[b][n] for t, b in compare.items()) and \
-                all(row[t] == v for t, v in (constants or {}).items()):
+        elif all(row[t] == batch_cols[b][n] for t, b in compare.items()) and all(
+            row[t] == v for t, v in (constants or {}).items()
+        ):
             kinds.append("unchanged")
         else:
             kinds.append("changed")
     return batch.append_column(CHANGE, pa.array(kinds, pa.string()))
 
 
-def keep_changed(batch: pa.Table, tables: TableReader, table: str, compare: dict[str, str],
-                 constants: dict[str, str] | None = None, where: str | None = None,
-                 key: str = "image_id") -> pa.Table:
+def keep_changed(
+    batch: pa.Table,
+    tables: TableReader,
+    table: str,
+    compare: dict[str, str],
+    constants: dict[str, str] | None = None,
+    where: str | None = None,
+    key: str = "image_id",
+) -> pa.Table:
     """Rows of `batch` that `table` lacks or holds with other values (classify_changes);
     rows to reject always pass, so that the stage records them."""
     classified = classify_changes(batch, tables, table, compare, constants, where, key)

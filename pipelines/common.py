@@ -101,7 +101,9 @@ def duplicate_ids(
     )
 
 
-def select_work(ctx: RunContext, summary: Summary, ds: ray.data.Dataset, **compare) -> ray.data.Dataset | None:
+def select_work(
+    ctx: RunContext, summary: Summary, ds: ray.data.Dataset, **compare
+) -> ray.data.Dataset | None:
     """The rows of `ds` whose output is missing or stale in the table (ops/tables.py
     classify_changes with `compare`'s arguments), or None when there is nothing to do.
 
@@ -111,7 +113,9 @@ def select_work(ctx: RunContext, summary: Summary, ds: ray.data.Dataset, **compa
     from ops.tables import classify_changes, count_changes, keep_changed
 
     if ctx.dry_run:
-        classified = ds.map_batches(classify_changes, batch_format="pyarrow", fn_kwargs=dict(tables=ctx.lake, **compare))
+        classified = ds.map_batches(
+            classify_changes, batch_format="pyarrow", fn_kwargs=dict(tables=ctx.lake, **compare)
+        )
         counts = {k: 0 for k in ("new", "changed", "unchanged", "rejected")}
         for row in classified.map_batches(count_changes, batch_format="pyarrow").take_all():
             counts[row["change"]] += row["rows"]

@@ -28,14 +28,24 @@ def run(ctx: RunContext) -> Summary:
     schema = stage1_examples_schema(ctx.cfg.models.embedder.dim)
     encoder = text_encoder_name(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
     pairs = read_table(lake, "embeddings", ["image_id", "sha256", "text", "vector"], filter=PAIRS)
-    todo = select_work(ctx, summary, pairs, table="stage1_examples", compare={"sha256": "sha256", "text": "text"},
-                       constants={"text_encoder": encoder})
+    todo = select_work(
+        ctx,
+        summary,
+        pairs,
+        table="stage1_examples",
+        compare={"sha256": "sha256", "text": "text"},
+        constants={"text_encoder": encoder},
+    )
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, ConditionOp, "conditions", text_column="text").map_batches(
-        _label, batch_format="pyarrow", fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names))
-    counts = stage_and_commit(staged, lake, "conditions", schema.append(REJECT_REASON), "stage1_examples",
-                              ["image_id"], schema)
+        _label,
+        batch_format="pyarrow",
+        fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names),
+    )
+    counts = stage_and_commit(
+        staged, lake, "conditions", schema.append(REJECT_REASON), "stage1_examples", ["image_id"], schema
+    )
     summary.written = counts["written"]
     summary.skipped = summary.read - summary.written
     return summary

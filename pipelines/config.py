@@ -330,7 +330,8 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
             ("index.num_sub_vectors", sub, f"a divisor of models.embedder.dim={cfg.models.embedder.dim}")
         )
     if cfg.lock.stale_after_s <= cfg.lock.heartbeat_s:
-        broken.append(("lock.stale_after_s", cfg.lock.stale_after_s, f"> lock.heartbeat_s={cfg.lock.heartbeat_s}"))
+        heartbeat = cfg.lock.heartbeat_s
+        broken.append(("lock.stale_after_s", cfg.lock.stale_after_s, f"> lock.heartbeat_s={heartbeat}"))
     if cfg.images.max_side < cfg.images.min_side:
         broken.append(("images.max_side", cfg.images.max_side, f">= images.min_side={cfg.images.min_side}"))
     return broken

@@ -73,8 +73,10 @@ def lake_lock(cfg, run_id: str, command: str):
             delete_file(uri, s3)
             continue
         if _now() >= deadline:
-            raise LakeLocked(f"the lake {cfg.storage.root} is being written by another run ({describe(holder)}); "
-                             f"one writer at a time: wait for it, or set lock.wait_s to wait")
+            raise LakeLocked(
+                f"the lake {cfg.storage.root} is being written by another run ({describe(holder)}); "
+                f"one writer at a time: wait for it, or set lock.wait_s to wait"
+            )
         time.sleep(min(conf.poll_s, max(0.0, deadline - _now())))
     stop = threading.Event()
 

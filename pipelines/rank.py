@@ -197,11 +197,21 @@ def query_vectors(ctx: RunContext, summary: Summary, resolved: ray.data.Dataset,
     counts = {"written": 0, "rejected": 0}
     if todo is not None:
         staged = map_with_model(todo, ctx, QueryOp, "rank", checkpoints=checkpoints, schema=staged_schema)
-        counts = stage_and_commit(staged, lake, "rank", staged_schema, "query_vectors", ["query_id", "mode"], schema,
-                                  reject_key="query_id")
+        counts = stage_and_commit(
+            staged,
+            lake,
+            "rank",
+            staged_schema,
+            "query_vectors",
+            ["query_id", "mode"],
+            schema,
+            reject_key="query_id",
+        )
     summary.skipped = 0
     summary.rejected = counts["rejected"]
-    summary.extra.update(computed=counts["written"], reused=summary.read - counts["written"] - counts["rejected"])
+    summary.extra.update(
+        computed=counts["written"], reused=summary.read - counts["written"] - counts["rejected"]
+    )
 
 
 def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lance.LanceDataset | None:

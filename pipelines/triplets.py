@@ -20,20 +20,44 @@ def run(ctx: RunContext) -> Summary:
     summary = Summary("triplets")
     check_embedder(ctx, table="triplet_embeddings", column="z_query")
     model = cfg.models.embedder
-    ds = read_manifest(cfg.catalogue.triplets, lake.s3, required=TRIPLET_COLUMNS, optional=(), what="triplets")
+    ds = read_manifest(
+        cfg.catalogue.triplets, lake.s3, required=TRIPLET_COLUMNS, optional=(), what="triplets"
+    )
     summary.read = ds.count()
     constants = {"model": model.name_or_path}
     if cfg.train.text_conditions == "precomputed":
-        constants["text_encoder"] = text_encoder_name(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
-    hashed = ds.map_batches(hash_triplets, batch_format="pyarrow", fn_kwargs=dict(
-        tables=lake, limits=ctx.conf["images"], condition_text=cfg.train_stage2.condition_text))
-    todo = select_work(ctx, summary, hashed, table="triplet_embeddings", key="triplet_id",
-                       compare={c: c for c in COMPARED}, constants=constants)
+        constants["text_encoder"] = text_encoder_name(
+            ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"]
+        )
+    hashed = ds.map_batches(
+        hash_triplets,
+        batch_format="pyarrow",
+        fn_kwargs=dict(
+            tables=lake, limits=ctx.conf["images"], condition_text=cfg.train_stage2.condition_text
+        ),
+    )
+    todo = select_work(
+        ctx,
+        summary,
+        hashed,
+        table="triplet_embeddings",
+        key="triplet_id",
+        compare={c: c for c in COMPARED},
+        constants=constants,
+    )
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, TripletEmbedOp, "triplets")
-    counts = stage_and_commit(staged, lake, "triplets", staged_schema(model.dim), "triplet_embeddings",
-                              ["triplet_id"], triplet_embeddings_schema(model.dim), reject_key="triplet_id")
+    counts = stage_and_commit(
+        staged,
+        lake,
+        "triplets",
+        staged_schema(model.dim),
+        "triplet_embeddings",
+        ["triplet_id"],
+        triplet_embeddings_schema(model.dim),
+        reject_key="triplet_id",
+    )
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - summary.rejected
     return summary
