@@ -65,11 +65,9 @@ def run(ctx: RunContext) -> Summary:
         batch_format="pyarrow",
         fn_kwargs=dict(tables=lake, mode=cfg.rank.mode, versions=versions, duplicate_ids=repeated),
     ).materialize()
-    counts = query_vectors(ctx, resolved, checkpoints)
-    summary.rejected = counts["rejected"]
-    summary.extra.update(
-        computed=counts["written"], reused=summary.read - counts["written"] - counts["rejected"]
-    )
+    query_vectors(ctx, summary, resolved, checkpoints)
+    if ctx.dry_run:
+        return summary
     staged = search(ctx, resolved, search_kind)
     summary.extra["rows"] = 0 if staged is None else staged.count_rows()
     if summary.extra["rows"] == 0:

@@ -114,6 +114,14 @@ def _newest_checkpoint(storage: str, run_name: str, s3: dict) -> str | None:
     return f"{storage.rstrip('/')}/{run_name}/{names[-1]}" if names else None
 
 
+def _ordered_ingest():
+    """Ray Train's ingest options with the blocks kept in order, so that an epoch's rows
+    arrive in the same order in every run (the resume determinism above needs it)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def _stop_marker(cfg, stage: str) -> str:
     """Written by a run that stopped itself (a non-finite loss); read by the driver."""
     return f"{cfg.train.storage.rstrip('/')}/{cfg[f'train_{stage}'].run_name}/stopped.json"
@@ -203,6 +211,7 @@ def train_loop(config: dict) -> None:
 
     prior_config = config["prior_config"]
     if stage == "stage1":
+        torch.manual_seed(cfg.seed)  # the same initial weights in every run of this config
         prior = model = FusionDiffPrior(**prior_config)
     else:
         with tempfile.TemporaryDirectory() as cache:
@@ -245,7 +254,10 @@ def train_loop(config: dict) -> None:
         )
     diffusion = DiffusionConfig(**plain(cfg.diffusion))
     noise_sched = ddpm_scheduler(diffusion)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
+    # Seeded anew at every step from (seed, worker, step), and the data's order from
+    # (seed, epoch) with Ray Data keeping the blocks' order: a run resumed from a
+    # checkpoint draws what the uninterrupted run drew, so its weights equal that run's.
+    gen = torch.Generator(device=device)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tc.use_gpu and tc.autocast_bf16)
     shard = ray.train.get_dataset_shard("train")
     per_worker = sc.batch_size // world
@@ -259,6 +271,7 @@ def train_loop(config: dict) -> None:
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=tc.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed * 1_000_003 + state["step"] // per_epoch,
         )
         for i, batch in enumerate(batches):
             # Every worker consumes its whole shard each epoch (Ray Data's split expects
@@ -266,6 +279,7 @@ def train_loop(config: dict) -> None:
             if i < skip or i >= per_epoch or state["step"] >= total:
                 continue
             step = state["step"]
+            gen.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
             _maybe_inject_failure(cfg, faults, stage, step, rank, world)
             z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
 
@@ -432,6 +446,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         ),
         datasets={"train": read_table(lake, table, columns, filter=flt)},
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     print(
         f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "

@@ -110,9 +110,17 @@ def test_benchmark_and_fault_knobs_are_not_in_the_pipeline_schema():
     assert bench.gpu_bench.out_dir == "runs/bench/gpu"
 
 
-def test_the_cli_refuses_a_bad_value_before_ray_starts(capsys):
-    import ray
+def test_the_cli_refuses_a_bad_value_before_ray_starts(tmp_path):
+    """The command exits 2 with one line, and no Ray session was ever started (Ray's
+    temp dir, pointed at an empty folder, stays empty)."""
+    import os
+    import subprocess
+    import sys
 
-    assert main(["rank", "--config", "conf/demo.yaml", "sampling.sampler=foo"]) == 2
-    assert capsys.readouterr().err == "error: sampling.sampler='foo': expected one of dpmsolver++, ddpm\n"
-    assert not ray.is_initialized()
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "pipelines", "rank", "--config", "conf/demo.yaml",
+                          f"run_dir={tmp_path}/run", "sampling.sampler=foo"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr == "error: sampling.sampler='foo': expected one of dpmsolver++, ddpm\n"
+    assert os.listdir(tmp_path) == []

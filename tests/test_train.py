@@ -46,6 +46,7 @@ def lake_dir(tmp_path_factory, tiny_models, ray_local):
 def train(cfg, stage: str, **faults):
     """Training `stage` as the CLI runs it; `faults`: the drills' fail_at_step / nan_at_step."""
     from pipelines.context import RunContext
+    from pipelines.train import run
 
     return run(RunContext.create(cfg), stage, faults=faults)
 
@@ -247,3 +248,19 @@ def test_asking_for_a_gpu_the_cluster_lacks_fails_at_once(lake_dir, tiny_models)
                                             r"but the Ray cluster has 0 GPU"):
         train(_cfg(lake_dir, tiny_models, "train.use_gpu=true", "train_stage1.run_name=gpu"), "stage1")
     assert time.monotonic() - started < 30
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(lake_dir, tiny_models):
+    """The crash drill of training, at the checkpoint level: a worker killed at step 7
+    restarts from the checkpoint of step 5, and the run ends with exactly the weights
+    of a run that was never interrupted (noise seeded per step, data order per epoch)."""
+    common = ("train_stage1.max_steps=12", "train.checkpoint_every=5", "train_stage1.epochs=4")
+    clean = _cfg(lake_dir, tiny_models, *common, "train_stage1.run_name=clean", f"train_stage1.output={lake_dir}/out/clean")
+    killed = _cfg(lake_dir, tiny_models, *common, "train_stage1.run_name=killed",
+                  f"train_stage1.output={lake_dir}/out/killed")
+    assert train(clean, "stage1").restarts == 0
+    assert train(killed, "stage1", fail_at_step=7).restarts == 1
+    a = FusionDiffPrior.from_pretrained(clean.train_stage1.output).state_dict()
+    b = FusionDiffPrior.from_pretrained(killed.train_stage1.output).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _metrics(clean.train_stage1.output)] == [r["loss"] for r in _metrics(killed.train_stage1.output)]
