@@ -32,11 +32,19 @@ KEYS = {"images": ["image_id"], "captions": ["image_id"], "embeddings": ["image_
         "rejects": ["stage", "key"]}
 
 
+# A command's start-up (imports, Ray) before its stage's work, on the 2-core machines.
+STARTUP_S = 10.0
+
+
+def _overrides(run_dir, catalogue, tiny_models):
+    return tiny_overrides(run_dir, tiny_models, f"catalogue.manifest={catalogue}/manifest.parquet",
+                          f"catalogue.queries={catalogue}/queries.parquet", "rank.mode=query_only",
+                          "rank.run_id=drill", "rank.top_k=5", "ray.num_cpus=2")
+
+
 def _command(run_dir, catalogue, tiny_models, stage):
-    return [sys.executable, "-m", "pipelines", stage, "--config", "conf/demo.yaml", *tiny_overrides(
-        run_dir, tiny_models, f"catalogue.manifest={catalogue}/manifest.parquet",
-        f"catalogue.queries={catalogue}/queries.parquet", "rank.mode=query_only", "rank.run_id=drill",
-        "rank.top_k=5", "ray.num_cpus=2")]
+    return [sys.executable, "-m", "pipelines", stage, "--config", "conf/demo.yaml",
+            *_overrides(run_dir, catalogue, tiny_models)]
 
 
 def _start(cmd, ray_tmp):
@@ -97,26 +105,41 @@ def _same(a: dict, b: dict, table: str) -> None:
                 assert v == w, f"{table} {key} {col}: {v!r} != {w!r}"
 
 
-def test_kill_at_a_random_point_of_each_stage_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_models):
+@pytest.fixture
+def ray_dirs():
+    """Short Ray temp dirs (Ray's socket paths must stay under 108 bytes)."""
+    import shutil
+    import tempfile
+
+    dirs = {k: tempfile.mkdtemp(prefix=f"drill_{k}_", dir="/tmp") for k in ("drill",)}
+    yield dirs
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_kill_at_a_random_point_of_each_stage_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_models,
+                                                                                      ray_dirs, ray_local):
+    from pipelines.config import load_config
     from pipelines.synthetic import make_catalogue
+    from tests.conftest import run_stage
 
     seed = int(os.environ.get("CIRPIPE_DRILL_SEED", "0"))
     rng = random.Random(seed)
     catalogue = tmp_path / "catalogue"
     make_catalogue(str(catalogue), num_images=12, image_size=64, num_triplets=0, num_queries=4, seed=seed)
-    durations = {}
-    for stage in STAGES:
-        durations[stage] = _run(_command(tmp_path / "ref", catalogue, tiny_models, stage), tmp_path / "ray_ref")
+    # The uninterrupted run, in this process (the same code and config as the command's).
+    reference = load_config("conf/demo.yaml", _overrides(tmp_path / "ref", catalogue, tiny_models))
+    durations = {stage: run_stage(reference, stage).seconds for stage in STAGES}
     kills = []
     for stage in STAGES:
         cmd = _command(tmp_path / "drill", catalogue, tiny_models, stage)
-        proc = _start(cmd, tmp_path / "ray_drill")
-        delay = rng.uniform(0.2, 0.95) * durations[stage]
+        proc = _start(cmd, ray_dirs["drill"])
+        delay = rng.uniform(0.3, 0.95) * (STARTUP_S + durations[stage])
         time.sleep(delay)
         finished = proc.poll() is not None
-        _kill_everything_of(proc, tmp_path / "ray_drill")
+        _kill_everything_of(proc, ray_dirs["drill"])
         kills.append((stage, round(delay, 1), "finished first" if finished else "killed"))
-        _run(cmd, tmp_path / "ray_drill")  # the rerun after the crash
+        _run(cmd, ray_dirs["drill"])  # the rerun after the crash
     print(f"[drill] seed {seed}: " + ", ".join(f"{s} at {d}s ({what})" for s, d, what in kills))
     assert sum(what == "killed" for _, _, what in kills) >= 3, kills
     ref, drill = _tables(tmp_path / "ref" / "lake"), _tables(tmp_path / "drill" / "lake")
