@@ -8,6 +8,7 @@ registry costs nothing), and no stage module imports another (tests/test_layout.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass
 
 
@@ -19,9 +20,12 @@ class Stage:
     function: str = "run"
 
     def run(self, ctx):
-        """Runs the stage in `ctx` and returns its finished Summary."""
+        """Runs the stage in `ctx` and returns its Summary, timed from start to end."""
         fn = getattr(importlib.import_module(f"pipelines.{self.module}"), self.function)
-        return fn(ctx).done()
+        started = time.monotonic()
+        summary = fn(ctx)
+        summary.seconds = round(time.monotonic() - started, 1)
+        return summary
 
 
 STAGES: dict[str, Stage] = {
