@@ -28,14 +28,8 @@ def run(ctx: RunContext) -> Summary:
     schema = stage1_examples_schema(ctx.cfg.models.embedder.dim)
     encoder = text_encoder_name(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
     pairs = read_table(lake, "embeddings", ["image_id", "sha256", "text", "vector"], filter=PAIRS)
-    todo = select_work(
-        ctx,
-        summary,
-        pairs,
-        table="stage1_examples",
-        compare={"sha256": "sha256", "text": "text"},
-        constants={"text_encoder": encoder},
-    )
+    todo = select_work(ctx, summary, pairs, table="stage1_examples",
+                       compare={"sha256": "sha256", "text": "text"}, constants={"text_encoder": encoder})
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, ConditionOp, "conditions", text_column="text").map_batches(

@@ -19,15 +19,9 @@ def run(ctx: RunContext) -> Summary:
     captioned = read_table(lake, "images", ["image_id", "uri", "sha256"]).map_batches(
         attach_captions, batch_format="pyarrow",
         fn_kwargs=dict(tables=lake, short_fraction=cfg.embed.pair_short_fraction))
-    todo = select_work(
-        ctx,
-        summary,
-        captioned,
-        table="embeddings",
-        compare={"sha256": "sha256", "text": "pair_text"},
-        constants={"model": model.name_or_path},
-        where="kind = 'pair'",
-    )
+    todo = select_work(ctx, summary, captioned, table="embeddings",
+                       compare={"sha256": "sha256", "text": "pair_text"},
+                       constants={"model": model.name_or_path}, where="kind = 'pair'")
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, EmbedOp, "embed")

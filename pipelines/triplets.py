@@ -36,15 +36,8 @@ def run(ctx: RunContext) -> Summary:
             tables=lake, limits=ctx.conf["images"], condition_text=cfg.train_stage2.condition_text
         ),
     )
-    todo = select_work(
-        ctx,
-        summary,
-        hashed,
-        table="triplet_embeddings",
-        key="triplet_id",
-        compare={c: c for c in COMPARED},
-        constants=constants,
-    )
+    todo = select_work(ctx, summary, hashed, table="triplet_embeddings", key="triplet_id",
+                       compare={c: c for c in COMPARED}, constants=constants)
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, TripletEmbedOp, "triplets")
