@@ -99,6 +99,29 @@ def guarded(rec: Recorder, section: str, settings: dict, fn) -> dict | None:
     return row
 
 
+def top_ops(fn, device: torch.device, k: int) -> list[dict]:
+    """The k operators of one fn() call that took the most time on the device (self time,
+    CUDA kernels on a GPU, CPU otherwise), with their share of the call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:k]
+    return [{"op": e.key[:80], "self_ms": round(getattr(e, key) / 1e3, 2), "calls": e.count,
+             "share": round(getattr(e, key) / total, 3)} for e in ranked]
+
+
+def with_profile(row: dict, fn, device: torch.device, k: int) -> dict:
+    """row with the top-k operators of one more fn() call (conf gpu_bench.profile_top; 0: none)."""
+    return {**row, "top_ops": top_ops(fn, device, k)} if k else row
+
+
 # -- sampling -------------------------------------------------------------------------
 def bench_sampling(cfg, rec: Recorder, device: torch.device, dtype: str) -> None:
     from bench.sample_speed import build
@@ -135,7 +158,7 @@ def bench_sampling(cfg, rec: Recorder, device: torch.device, dtype: str) -> None
                 elif b in reference:
                     cos = torch.nn.functional.cosine_similarity(out.float(), reference[b].float(), dim=-1)
                     row["min_cosine_vs_" + sc.compile[0]] = round(float(cos.min()), 5)
-                return row
+                return with_profile(row, run, device, cfg.gpu_bench.profile_top)
 
             guarded(rec, "sampling", {"compile": mode, "batch": b, "steps": cfg.sampling.num_steps,
                                       "guidance": cfg.sampling.guidance_scale, "dtype": dtype}, measure)
@@ -182,7 +205,8 @@ def bench_training(cfg, rec: Recorder, device: torch.device) -> None:
                     compile_blocks(prior, compile_mode(compile_name, "train.compile"))
                 started = time.perf_counter()
                 row = time_batch(prior, diffusion, optim, b, k, tc.cond_dim, tc.steps,
-                                 autocast=device.type == "cuda", fused=bool(fused))
+                                 autocast=device.type == "cuda", fused=bool(fused),
+                                 profile=lambda step: with_profile({}, step, device, cfg.gpu_bench.profile_top))
                 row.pop("batch")
                 # The backward pass costs twice the forward.
                 blocks = cfg.prior.num_encoder_blocks + cfg.prior.num_decoder_blocks
@@ -237,9 +261,12 @@ def random_mllm(section, cfg, role: str, device: torch.device, dtype: str, attn:
     return mllm, sum(p.numel() for p in model.parameters())
 
 
-def random_images(n: int, side: int, seed: int) -> list[Image.Image]:
+def random_images(n: int, sizes, seed: int) -> list[Image.Image]:
+    """n noise images, their (width, height) taken from `sizes` in turn (an int: square)."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+    sizes = [(sizes, sizes)] if isinstance(sizes, int) else [tuple(s) for s in sizes]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for w, h in (sizes[i % len(sizes)] for i in range(n))]
 
 
 def text_of_tokens(tokenizer, n: int) -> str:
@@ -255,36 +282,50 @@ def text_of_tokens(tokenizer, n: int) -> str:
 
 def bench_embedding(cfg, rec: Recorder, device: torch.device, dtype: str) -> None:
     from model.mllm import FusedEmbedder
+    from model.vision_attention import set_vision_attention
 
     es = cfg.gpu_bench.embedding
     mllm, params = random_mllm(es, cfg, "embedder", device, dtype, cfg.models.embedder.attn_implementation)
     text = text_of_tokens(mllm.tokenizer, es.text_tokens)
-    for threads, on_device, parts in es.preprocess:
-        mllm.set_preprocessing(threads, bool(on_device))
-        embedder = FusedEmbedder(mllm, cfg.models.embedder.instruction, cfg.models.embedder.end_token, parts)
-        for b in es.batches:
-            images = random_images(b, es.image_side, b)
-            texts = [text] * b
+    for work in es.workloads:
+        mllm.image_min_pixels, mllm.image_max_pixels = work.min_pixels, work.max_pixels
+        for threads, on_device, parts, attention in es.variants:
+            mllm.set_preprocessing(threads, bool(on_device))
+            set_vision_attention(mllm.model, attention)
+            embedder = FusedEmbedder(mllm, cfg.models.embedder.instruction, cfg.models.embedder.end_token, parts)
+            for b in work.batches:
+                images = random_images(b, work.sizes, b)
+                texts = [text] * b
 
-            def measure():
-                reset_memory(device)
-                sec = median_seconds(lambda: embedder.embed(images=images, texts=texts), es.repeats, device)
-                # What of that is the processor (CPU), and what the vision tower (GPU).
-                conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]] * b
-                pre = median_seconds(lambda: mllm.encode(conv, images, add_generation_prompt=True), es.repeats, device)
-                batch = mllm.encode(conv, images, add_generation_prompt=True)
-                with torch.inference_mode():
-                    vis = median_seconds(lambda: mllm.model.base_model.get_image_features(
-                        batch["pixel_values"], batch["image_grid_thw"]), es.repeats, device)
-                return {"items_per_s": round(b / sec, 2), "preprocess_share": round(pre / sec, 3),
-                        "vision_share": round(vis / sec, 3), "sequence_tokens": int(batch["input_ids"].shape[1]),
-                        "params_m": round(params / 1e6), "peak_mem_gib": peak_gib(device)}
+                def measure():
+                    reset_memory(device)
+                    sec = median_seconds(lambda: embedder.embed(images=images, texts=texts), es.repeats, device)
+                    # What of that is the processor (CPU), and what the vision tower alone (GPU).
+                    conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]] * b
+                    pre = median_seconds(lambda: mllm.encode(conv, images, add_generation_prompt=True),
+                                         es.repeats, device)
+                    batch = mllm.encode(conv, images, add_generation_prompt=True)
 
-            guarded(rec, "embedding", {"preprocess_threads": threads, "normalize_on_device": bool(on_device),
-                                       "overlap_parts": parts,
-                                       "batch": b, "image_side": es.image_side, "text_tokens": es.text_tokens,
-                                       "attn_implementation": cfg.models.embedder.attn_implementation,
-                                       "dtype": dtype}, measure)
+                    def vision():
+                        with torch.inference_mode():
+                            return mllm.model.base_model.get_image_features(
+                                batch["pixel_values"], batch["image_grid_thw"])
+
+                    vis = median_seconds(vision, es.repeats, device)
+                    grid = batch["image_grid_thw"]
+                    row = {"items_per_s": round(b / sec, 2), "vision_items_per_s": round(b / vis, 2),
+                           "preprocess_share": round(pre / sec, 3), "vision_share": round(vis / sec, 3),
+                           "image_tokens_mean": round(float((grid.prod(-1) / 4).float().mean()), 1),
+                           "sequence_tokens": int(batch["input_ids"].shape[1]),
+                           "params_m": round(params / 1e6), "peak_mem_gib": peak_gib(device)}
+                    return with_profile(row, vision, device, cfg.gpu_bench.profile_top)
+
+                guarded(rec, "embedding", {"workload": work.name, "preprocess_threads": threads,
+                                           "normalize_on_device": bool(on_device), "overlap_parts": parts,
+                                           "vision_attention": attention, "batch": b,
+                                           "text_tokens": es.text_tokens,
+                                           "attn_implementation": cfg.models.embedder.attn_implementation,
+                                           "dtype": dtype}, measure)
 
 
 def bench_captioning(cfg, rec: Recorder, device: torch.device, dtype: str) -> None:
@@ -310,9 +351,15 @@ def bench_captioning(cfg, rec: Recorder, device: torch.device, dtype: str) -> No
             run()
             first = time.perf_counter() - started
             sec = median_seconds(run, cs.repeats, device, warmups=0)
-            return {"tokens_per_s": round(counted["tokens"] / sec, 1), "images_per_s": round(b / sec, 2),
-                    "new_tokens": counted["tokens"] // b, "first_call_s": round(first, 1),
-                    "params_m": round(params / 1e6), "peak_mem_gib": peak_gib(device)}
+            # Where the time goes: the first token (vision tower + prefill), then each
+            # decoding step of the whole batch.
+            prefill = median_seconds(lambda: captioner.generate_ids(images, prompts, 1), cs.repeats, device)
+            row = {"tokens_per_s": round(counted["tokens"] / sec, 1), "images_per_s": round(b / sec, 2),
+                   "new_tokens": counted["tokens"] // b, "first_call_s": round(first, 1),
+                   "prefill_s": round(prefill, 3), "prefill_share": round(prefill / sec, 3),
+                   "decode_ms_per_step": round(1e3 * (sec - prefill) / max(cs.new_tokens - 1, 1), 2),
+                   "params_m": round(params / 1e6), "peak_mem_gib": peak_gib(device)}
+            return with_profile(row, run, device, cfg.gpu_bench.profile_top)
 
         guarded(rec, "captioning", {"kv_cache": kv_cache, "batch": b, "image_side": cs.image_side,
                                     "preprocess_threads": mllm.preprocess_threads,

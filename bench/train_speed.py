@@ -25,9 +25,10 @@ from model.training import OptimConfig, accumulate_gradients, apply_step, make_o
 
 
 def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int, steps: int, autocast: bool,
-               fused: bool = False, micro_batch: int = 0) -> dict:
+               fused: bool = False, micro_batch: int = 0, profile=None) -> dict:
     """Samples/s of `steps` training steps at batch b (after one warm-up step; a
-    compiled prior compiles there). `fused`: conf train.fused_optimizer."""
+    compiled prior compiles there). `fused`: conf train.fused_optimizer. `profile`: a
+    function of the step whose dict (bench/gpu.py's top operators) joins the figures."""
     device = prior.device
     params = [p for p in prior.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim, fused=fused)
@@ -57,6 +58,8 @@ def time_batch(prior, diffusion, optim, b: int, cond_tokens: int, cond_dim: int,
     out = {"batch": b, "samples_per_s": round(b * steps / (time.perf_counter() - t), 2)}
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    if profile is not None:
+        out.update(profile(step))
     return out
 
 

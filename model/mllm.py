@@ -22,6 +22,8 @@ from transformers import (
     ProcessorMixin,
 )
 
+from model.vision_attention import set_vision_attention
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -185,6 +187,7 @@ def load_mllm(
     attn_implementation: str = "sdpa",
     preprocess_threads: int = 1,
     normalize_on_device: bool = False,
+    vision_attention: str = "per_image",
 ) -> MLLM:
     # Left padding: the last position of every row is its real last token, which
     # both the fused embedding (last hidden state) and batched `generate` rely on.
@@ -193,6 +196,7 @@ def load_mllm(
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
     )
+    set_vision_attention(model, vision_attention)
     model.to(device).eval()
     return MLLM(
         model,
@@ -217,6 +221,7 @@ def load_mllm_from_conf(m: dict) -> MLLM:
         attn_implementation=m["attn_implementation"],
         preprocess_threads=m["preprocess_threads"],
         normalize_on_device=m["normalize_on_device"],
+        vision_attention=m["vision_attention"],
     )
 
 

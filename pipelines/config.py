@@ -205,6 +205,7 @@ RULES: dict[str, Rule] = {
     "models.*.image_max_pixels": POSITIVE,
     "models.*.attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
     "models.*.preprocess_threads": POSITIVE,
+    "models.*.vision_attention": one_of("per_image", "padded", "flex"),
     "models.embedder.overlap_parts": POSITIVE,
     "models.embedder.dim": POSITIVE,
     "models.text_encoder.kind": one_of("t5", "mllm"),

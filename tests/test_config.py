@@ -63,6 +63,8 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     ("rank.mode=fancy", "rank.mode='fancy': expected one of full, query_only, prior_only, joint, text"),
     ("rank.search=fuzzy", "rank.search='fuzzy': expected one of exact, ann"),
     ("caption.kv_cache=paged", "caption.kv_cache='paged': expected one of dynamic, static, static_compiled"),
+    ("models.embedder.vision_attention=varlen",
+     "models.embedder.vision_attention='varlen': expected one of per_image, padded, flex"),
     ("models.embedder.dtype=fp8", "models.embedder.dtype='fp8': expected one of float32, float16, bfloat16"),
     ("models.describer.device=tpu", "models.describer.device='tpu': expected cpu, cuda or cuda:<n>"),
     ("rank.batch_size=0", "rank.batch_size=0: expected >= 1"),
