@@ -33,7 +33,7 @@ from model.text_encoder import load_text_encoder_from_conf
 from ops.base import ImageRowsOp
 from ops.images import sha256_hex
 from ops.schemas import GALLERY, RANKINGS
-from ops.search import RunningTopK
+from ops.search import RunningTopK, search_device
 from ops.storage import filesystem, local_copy, read_bytes
 from ops.tables import TableReader
 
@@ -261,6 +261,7 @@ class GallerySearch:
         self.mode, self.k = conf["rank"]["mode"], conf["rank"]["top_k"]
         self.block, self.exclude = conf["rank"]["gallery_block"], conf["rank"]["exclude_reference"]
         self.index, self.dim = conf["index"], conf["models"]["embedder"]["dim"]
+        self.device = search_device(conf["rank"]["search_device"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [r for r in batch.to_pylist() if not r.get("reject_reason")]
@@ -299,25 +300,28 @@ class GallerySearch:
         return pa.table(out, schema=RESULT_SCHEMA)
 
     def _exact(self, q: np.ndarray, exclude: list) -> tuple[np.ndarray, np.ndarray]:
-        topk = RunningTopK(q, self.k, exclude)
+        topk = RunningTopK(q, self.k, exclude, self.device)
         for b in self.tables.scan(
             "embeddings", ["image_id", "vector"], filter=GALLERY, batch_size=self.block
         ):
             if b.num_rows:
                 vec = b.column("vector").values.to_numpy(zero_copy_only=False).reshape(b.num_rows, -1)
-                topk.add(b.column("image_id").to_pylist(), vec)
+                topk.add(b.column("image_id"), vec)
         return topk.result()
 
     def _ann(self, q: np.ndarray, exclude: list) -> tuple[list, list]:
-        """Each sample vector searched in the index (k + 1, so that the reference can go),
-        a query's samples merged by their best score."""
+        """Every sample vector of the batch searched in the index in one call (k + 1, so
+        that the reference can go), a query's samples merged by their best score."""
+        samples = q.shape[1]
+        hits = self.tables.nearest(
+            "embeddings", q.reshape(-1, self.dim), self.k + 1, GALLERY, self.index["nprobes"],
+            self.index["refine_factor"],
+        )
         ids_out, scores_out = [], []
-        for samples, ex in zip(q, exclude):
+        for i, ex in enumerate(exclude):
             best: dict[str, float] = {}
-            for v in samples:
-                for image_id, score in self.tables.nearest(
-                    "embeddings", v, self.k + 1, GALLERY, self.index["nprobes"], self.index["refine_factor"]
-                ):
+            for found in hits[i * samples:(i + 1) * samples]:
+                for image_id, score in found:
                     if image_id != ex:
                         best[image_id] = max(best.get(image_id, -np.inf), score)
             top = sorted(best.items(), key=lambda kv: -kv[1])[: self.k]

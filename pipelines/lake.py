@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import lance
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -74,20 +75,24 @@ class Lake:
         if ds is not None:
             yield from ds.to_batches(columns=list(columns), filter=filter, batch_size=batch_size)
 
-    def nearest(self, table: str, vector, k: int, where: str | None, nprobes: int,
-                refine_factor: int) -> list[tuple[str, float]]:
-        """The k nearest rows to `vector` by the table's vector index: (image_id, cosine)."""
+    def nearest(self, table: str, vectors, k: int, where: str | None, nprobes: int,
+                refine_factor: int) -> list[list[tuple[str, float]]]:
+        """The k nearest rows to each of `vectors` (n x d) by the table's vector index, in
+        one call: per vector, [(image_id, cosine), ...] best first."""
         import lancedb
 
         t = lancedb.connect(self.root, storage_options=self.storage_options).open_table(table)
-        q = t.search(vector, vector_column_name="vector").metric("cosine")
+        vectors = np.asarray(vectors, np.float32)
+        q = t.search(list(vectors), vector_column_name="vector").metric("cosine")
         if where:
             q = q.where(where, prefilter=True)
-        hits = q.nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["image_id"]).to_arrow()
-        return [
-            (i, 1.0 - d)
-            for i, d in zip(hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist())
-        ]
+        hits = q.nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["image_id", "_distance"]).to_arrow()
+        found: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
+        # One vector: lancedb answers without a query_index column.
+        which = hits.column("query_index").to_pylist() if "query_index" in hits.column_names else [0] * hits.num_rows
+        for i, image_id, d in zip(which, hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist()):
+            found[i].append((image_id, 1.0 - d))
+        return [sorted(f, key=lambda h: -h[1]) for f in found]
 
 
 def open_dataset(uri: str, storage_options: dict) -> lance.LanceDataset | None:

@@ -214,10 +214,13 @@ def query_vectors(ctx: RunContext, summary: Summary, resolved: ray.data.Dataset,
 
 def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lance.LanceDataset | None:
     """Every ranked query's top-k, staged as a Lance dataset (rank_results; None: no rows)."""
+    gpus = ctx.cfg.rank.search_num_gpus
+    ctx.require("rank's gallery search", 1, gpus, "rank.search_num_gpus")
     results = resolved.map_batches(
         GallerySearch,
         fn_constructor_args=(ctx.conf, ctx.lake, search_kind),
         compute=ray.data.ActorPoolStrategy(size=1),
+        num_gpus=gpus,
         batch_size=ctx.cfg.rank.search_batch_size,
         batch_format="pyarrow",
     )

@@ -23,14 +23,17 @@ def _unit(rng, n, d):
 
 
 @pytest.mark.fast
-def test_running_topk_over_blocks_equals_numpy_brute_force():
+@pytest.mark.parametrize("samples", [1, 2])
+def test_running_topk_over_blocks_equals_numpy_brute_force(samples):
     rng = np.random.default_rng(0)
     gallery, ids = _unit(rng, 1000, 32), np.array([f"g{i:04d}" for i in range(1000)], dtype=object)
-    queries = _unit(rng, 6, 32).reshape(3, 2, 32)  # 3 queries of 2 samples each: the best sample's score
+    # 3 queries of `samples` vectors each: a query's score is its best sample's.
+    queries = _unit(rng, 3 * samples, 32).reshape(3, samples, 32)
     exclude = ["g0007", None, "g0500"]
     topk = RunningTopK(queries, 10, exclude)
-    for s in range(0, 1000, 97):  # blocks of uneven size
-        topk.add(list(ids[s:s + 97]), gallery[s:s + 97])
+    for s in range(0, 1000, 97):  # blocks of uneven size, as lists and as Arrow arrays
+        block = list(ids[s:s + 97])
+        topk.add(block if s % 2 else pa.array(block), gallery[s:s + 97])
     got_ids, got_scores = topk.result()
     scores = np.einsum("bsd,gd->bsg", queries, gallery).max(axis=1)
     for i, ex in enumerate(exclude):
@@ -364,3 +367,17 @@ def test_query_actors_fetch_their_own_checkpoint_copies(s3_lake, tiny_models):
     assert op.prior is not None and op.adapter is not None
     copies = os.listdir(op._cache)
     assert sorted(copies) == ["adapter", "prior"]
+
+
+def test_batched_index_search_equals_one_vector_at_a_time(tmp_path, tiny_models):
+    from pipelines.lake import Lake
+
+    rng = np.random.default_rng(2)
+    cfg, _ = _gallery_lake(tmp_path, tiny_models, 1500, 32, rng, "index.min_rows=1000")
+    run_stage(cfg, "index")
+    lake, vectors = Lake.from_conf(cfg), _unit(rng, 7, 32)
+    args = (11, "kind = 'image'", cfg.index.nprobes, cfg.index.refine_factor)
+    together = lake.nearest("embeddings", vectors, *args)
+    alone = [lake.nearest("embeddings", v[None], *args)[0] for v in vectors]
+    assert [[i for i, _ in h] for h in together] == [[i for i, _ in h] for h in alone]
+    assert all(len(h) == 11 and h == sorted(h, key=lambda x: -x[1]) for h in together)
