@@ -59,7 +59,8 @@ class RunningTopK:
             warnings.simplefilter("ignore", UserWarning)
             g = torch.as_tensor(vectors).to(self.device, non_blocking=True)
         scores = self.flat @ g.T
-        scores = scores if self.samples == 1 else scores.view(self.batch, self.samples, -1).amax(dim=1)  # (B, G)
+        if self.samples > 1:
+            scores = scores.view(self.batch, self.samples, -1).amax(dim=1)  # (B, G)
         ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
         if self.excluded:
             # Where each query's reference sits in this block (null: not in it).
@@ -74,7 +75,8 @@ class RunningTopK:
         top_ids = ids.take(pa.array(idx.ravel())).to_numpy(zero_copy_only=False).reshape(idx.shape)
         merged = torch.cat([self.scores, top], dim=1)
         self.scores, order = merged.topk(min(self.k, merged.shape[1]), dim=1)
-        self.ids = np.take_along_axis(np.concatenate([self.ids, top_ids], axis=1), order.cpu().numpy(), axis=1)
+        merged_ids = np.concatenate([self.ids, top_ids], axis=1)
+        self.ids = np.take_along_axis(merged_ids, order.cpu().numpy(), axis=1)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(B, <=k) gallery ids and scores, best first; excluded and -inf entries dropped by the caller."""

@@ -86,11 +86,14 @@ class Lake:
         q = t.search(list(vectors), vector_column_name="vector").metric("cosine")
         if where:
             q = q.where(where, prefilter=True)
-        hits = q.nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["image_id", "_distance"]).to_arrow()
+        q = q.nprobes(nprobes).refine_factor(refine_factor).limit(k)
+        hits = q.select(["image_id", "_distance"]).to_arrow()
         found: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
         # One vector: lancedb answers without a query_index column.
-        which = hits.column("query_index").to_pylist() if "query_index" in hits.column_names else [0] * hits.num_rows
-        for i, image_id, d in zip(which, hits.column("image_id").to_pylist(), hits.column("_distance").to_pylist()):
+        cols = hits.column_names
+        which = hits.column("query_index").to_pylist() if "query_index" in cols else [0] * hits.num_rows
+        distances = hits.column("_distance").to_pylist()
+        for i, image_id, d in zip(which, hits.column("image_id").to_pylist(), distances):
             found[i].append((image_id, 1.0 - d))
         return [sorted(f, key=lambda h: -h[1]) for f in found]
 
