@@ -29,7 +29,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--out", default="metrics.json")
     ev.add_argument("--submission", help="folder for the test server's files")
     ev.add_argument("--image-root", help="the images' root (default: <annotations>/images)")
+    pl = parser.add_argument_group("plan")
+    pl.add_argument("--images", type=int, help="catalogue images")
+    pl.add_argument("--queries", type=int, default=0, help="composed queries ranked per night")
+    pl.add_argument("--triplets", type=int, help="Stage 2 triplets (default: one per image)")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs the stages spread over")
     args = parser.parse_intermixed_args(argv)
+    if args.stage == "plan" and args.images is None:
+        parser.error("plan needs --images (and --queries, --gpus)")
     if args.stage == "evaluate" and not (args.benchmark and args.annotations and args.rankings):
         parser.error("evaluate needs --benchmark, --annotations and --rankings")
     if args.stage == "demo" and args.config is None:
@@ -50,6 +57,11 @@ def run_command(args: argparse.Namespace) -> None:
         evaluate.main(args)
         return
     cfg = load_config(args.config, args.overrides)
+    if args.stage == "plan":  # reads nothing, writes nothing
+        from pipelines.plan import plan, render
+
+        print(render(plan(cfg, args.images, args.queries, args.triplets), args.gpus))
+        return
     run_id = cfg.rank.run_id or new_run_id()
     if args.dry_run:  # writes nothing: no lock
         if args.stage in ("nightly", "demo", "benchmark"):

@@ -277,6 +277,7 @@ RULES: dict[str, Rule] = {
     "rank.search_batch_size": POSITIVE,
     "rank.gallery_block": POSITIVE,
     "rank.search_device": one_of("auto", "cpu", "cuda"),
+    "plan.*.per_s": above(0),
     "report.num_queries": POSITIVE,
     "report.top_k": POSITIVE,
     "report.thumbnail_size": at_least(16),

@@ -80,6 +80,8 @@ COMMANDS = {
     "evaluate": "metrics (and test-server files) of a rankings file on CIRR, FashionIQ or CIRCO",
     "benchmark": "a benchmark end to end (conf/eval/*.yaml): its images through the stages, every rank mode, "
     "metrics",
+    "plan": "GPU-hours and wall time of each GPU stage for a catalogue size (--images, --queries, --gpus), "
+    "from the per-GPU rates of conf plan",
 }
 
 # Modules that hold a stage or a command that runs stages: none of them imports another
