@@ -70,6 +70,11 @@ STAGES: dict[str, Stage] = {
             "the results page of the run: sample queries, their top images, the stages' lines",
             "report",
         ),
+        Stage(
+            "compact",
+            "upkeep: the Lance tables' fragments compacted, scalar indices refreshed, old versions removed",
+            "compact",
+        ),
     )
 }
 
