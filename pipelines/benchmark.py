@@ -49,7 +49,9 @@ def run(ctx: RunContext) -> str:
     print(f"[benchmark] {e.benchmark} {e.split}: {len(b.queries)} queries, {len(b.gallery)} gallery images")
     stamp = new_run_id()
     ctx = ctx.with_settings(run_id=f"{e.benchmark}-{e.modes[0]}-{stamp}", **{
-        "catalogue.manifest": uris["manifest"], "catalogue.queries": uris["queries"]})
+        "catalogue.manifest": uris["manifest"], "catalogue.queries": uris["queries"],
+        # The benchmark's gallery joins the lake beside the catalogue: it deletes nothing.
+        "ingest.delete_missing": False})
     ctx.lines.clear()
     for stage in ("ingest", "caption", "embed", "index"):
         ctx.lines.append(STAGES[stage].run(ctx).line())

@@ -279,6 +279,8 @@ RULES: dict[str, Rule] = {
     "rank.search_device": one_of("auto", "cpu", "cuda"),
     "plan.*.per_s": above(0),
     "compact.min_fragments": COUNT,
+    "ingest.max_delete_fraction": PROBABILITY,
+    "ingest.delete_batch_size": POSITIVE,
     "compact.target_rows_per_fragment": POSITIVE,
     "compact.keep_versions_days": COUNT,
     "report.num_queries": POSITIVE,

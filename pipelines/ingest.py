@@ -1,12 +1,17 @@
 """Stage `ingest`: catalogue manifest -> `images` (image_id, uri, sha256, width, height)."""
 from __future__ import annotations
 
+import pyarrow as pa
 import ray
 
 from ops.ingest import OUTPUT_SCHEMA, IngestOp
 from ops.schemas import IMAGES
 from pipelines.common import duplicate_ids, read_manifest, select_work, stage_and_commit
 from pipelines.context import RunContext, Summary
+from pipelines.lake import delete_absent
+
+# The tables whose rows belong to an image, by the column holding its id.
+IMAGE_TABLES = {"captions": "image_id", "embeddings": "image_id"}
 
 
 def run(ctx: RunContext) -> Summary:
@@ -30,8 +35,34 @@ def run(ctx: RunContext) -> Summary:
                          compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"})
     if staged is None:
         summary.rejected = summary.extra.get("rejected", 0)
-        return summary
-    counts = stage_and_commit(staged, lake, "ingest", OUTPUT_SCHEMA, "images", ["image_id"], IMAGES)
-    summary.written, summary.rejected = counts["written"], counts["rejected"]
-    summary.skipped = summary.read - summary.written - counts["rejected"]
+    else:
+        counts = stage_and_commit(staged, lake, "ingest", OUTPUT_SCHEMA, "images", ["image_id"], IMAGES)
+        summary.written, summary.rejected = counts["written"], counts["rejected"]
+        summary.skipped = summary.read - summary.written - counts["rejected"]
+    if cfg.ingest.delete_missing:
+        delete_missing(ctx, summary, manifest)
     return summary
+
+
+def delete_missing(ctx: RunContext, summary: Summary, manifest: ray.data.Dataset) -> None:
+    """Images no longer in the manifest leave `images`, then their captions and
+    embeddings (so the gallery stops ranking them): one keyed commit per table."""
+    lake, cfg = ctx.lake, ctx.cfg
+    schema = pa.schema([("image_id", pa.string())])
+
+    def manifest_ids():
+        for b in manifest.select_columns(["image_id"]).iter_batches(
+            batch_format="pyarrow", batch_size=cfg.ingest.delete_batch_size
+        ):
+            yield from b.cast(schema).to_batches()
+
+    present = pa.RecordBatchReader.from_batches(schema, manifest_ids())
+    summary.extra["deleted"] = delete_absent(lake, "images", "image_id", present,
+                                             cfg.ingest.max_delete_fraction, ctx.dry_run)
+    if ctx.dry_run or lake.open("images") is None:
+        return
+    for table, key in IMAGE_TABLES.items():
+        kept = lake.open("images").scanner(columns=["image_id"], batch_size=cfg.ingest.delete_batch_size)
+        gone = delete_absent(lake, table, key, kept.to_reader())
+        if gone:
+            summary.extra[f"deleted_{table}"] = gone

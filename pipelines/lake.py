@@ -150,6 +150,8 @@ def commit(
         return counts
     good = staged.scanner(columns=schema.names, filter="reject_reason IS NULL").to_reader()
     counts["written"] = _upsert(lake, table, keys, schema, good)
+    good_keys = staged.scanner(columns=[reject_key], filter="reject_reason IS NULL").to_reader()
+    _clear_stale_rejects(lake, stage, good_keys, reject_key)
     now = pa.scalar(dt.datetime.now(dt.timezone.utc), type=REJECTS.field("run_at").type)
     uri_col = "uri" if "uri" in staged.schema.names else None
 
@@ -175,6 +177,49 @@ def commit(
     # Every rejected input row counts, even where several share a key (empty ids).
     counts["rejected"] = staged.count_rows(filter="reject_reason IS NOT NULL")
     return counts
+
+
+def delete_absent(lake: Lake, table: str, key: str, present: pa.RecordBatchReader,
+                  max_fraction: float | None = None, dry_run: bool = False) -> int:
+    """Deletes, in one commit, the rows of `table` whose `key` is not among `present`'s
+    (an anti-join inside Lance); the number of rows deleted (dry run: that would be).
+
+    The deletion is prepared uncommitted first: more than `max_fraction` of the table is
+    refused with nothing deleted (a truncated manifest must not empty the catalogue).
+    """
+    ds = lake.open(table)
+    if ds is None:
+        return 0
+    tx, stats = ds.merge_insert(key).when_not_matched_by_source_delete().execute_uncommitted(present)
+    n = int(stats["num_deleted_rows"])
+    total = ds.count_rows()
+    if n and max_fraction is not None and n > max_fraction * total:
+        raise TableError(
+            f"{lake.uri(table)}: the manifest lacks {n} of its {total} rows, more than "
+            f"ingest.max_delete_fraction={max_fraction}; nothing was deleted (check the manifest, "
+            f"or raise ingest.max_delete_fraction for this run)"
+        )
+    if n and not dry_run:
+        lance.LanceDataset.commit(lake.uri(table), tx, read_version=ds.version,
+                                  storage_options=lake.storage_options)
+    return n
+
+
+def _clear_stale_rejects(lake: Lake, stage: str, good_keys: pa.RecordBatchReader, key: str) -> None:
+    """Rows of `rejects` for keys of `stage` that are now good go (their reason is stale)."""
+    rejects = lake.open("rejects")
+    if rejects is None:
+        return
+    schema = pa.schema([("stage", pa.string()), ("key", pa.string())])
+
+    def batches():
+        for b in good_keys:
+            if b.num_rows:
+                yield pa.record_batch([pa.array([stage] * b.num_rows), b.column(key).cast(pa.string())],
+                                      schema=schema)
+
+    rejects.merge_insert(["stage", "key"]).when_matched_delete().execute(
+        pa.RecordBatchReader.from_batches(schema, batches()))
 
 
 def _dedupe_keys(reader: pa.RecordBatchReader, keys: Sequence[str]) -> pa.RecordBatchReader:

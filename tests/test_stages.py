@@ -185,3 +185,41 @@ def test_dry_run_counts_the_work_and_writes_nothing(tmp_path, tiny_models, ray_l
     assert {t: lance.dataset(f"{cfg.storage.root}/{t}.lance").version for t in versions} == versions
     assert run_stage(cfg, "ingest").written == 2  # the real run does what the dry run said
     assert run_stage(cfg, "caption", dry_run=True).new == 1
+
+
+def test_images_gone_from_the_manifest_leave_every_table_and_fixed_rejects_clear(lake):
+    """Runs last on the module's lake: two images leave the manifest, a missing file
+    appears; then a truncated manifest is refused with nothing deleted."""
+    from pipelines.lake import TableError
+
+    cfg, root = lake["cfg"], lake["root"]
+    manifest = pq.read_table(root / "manifest.parquet").to_pylist()
+    gone = {"img00006", "img00007"}
+    kept = [r for r in manifest if r["image_id"] not in gone]
+    # The row rejected as a missing file now has its file.
+    missing = next(r for r in kept if r["image_id"] == "bad_missing")
+    with open(missing["uri"], "wb") as f:
+        f.write(png(draw(Item("square", "green", "small", "right", "white"), 64, random.Random(5))))
+    pq.write_table(pa.Table.from_pylist(kept), root / "manifest.parquet")
+    images_before = rows(cfg, "images").num_rows
+
+    dry = run_stage(cfg, "ingest", dry_run=True)
+    assert dry.deleted == 2 and rows(cfg, "images").num_rows == images_before
+
+    ing, cap, emb = run_all(cfg)
+    assert ing.deleted == 2 and ing.deleted_captions == 2 and ing.deleted_embeddings == 4
+    assert "deleted 2" in ing.line()
+    for table in ("images", "captions", "embeddings"):
+        ids = set(rows(cfg, table)["image_id"].to_pylist())
+        assert not ids & gone, table
+        assert "bad_missing" in ids, table  # ingested, captioned and embedded now
+    rejects = {r["key"] for r in rows(cfg, "rejects").to_pylist() if r["stage"] == "ingest"}
+    assert "bad_missing" not in rejects and "bad_notes" in rejects
+
+    # A manifest of 1 row would delete most of the catalogue: refused, nothing deleted.
+    pq.write_table(pa.Table.from_pylist(kept[:1]), root / "manifest.parquet")
+    before = rows(cfg, "images").num_rows
+    with pytest.raises(TableError, match="more than ingest.max_delete_fraction=0.5; nothing was deleted"):
+        run_stage(cfg, "ingest")
+    assert rows(cfg, "images").num_rows == before
+    pq.write_table(pa.Table.from_pylist(manifest), root / "manifest.parquet")
