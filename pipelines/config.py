@@ -279,6 +279,7 @@ RULES: dict[str, Rule] = {
     "rank.search_device": one_of("auto", "cpu", "cuda"),
     "plan.*.per_s": above(0),
     "compact.min_fragments": COUNT,
+    "rank.keep_runs": COUNT,
     "ingest.max_delete_fraction": PROBABILITY,
     "ingest.delete_batch_size": POSITIVE,
     "compact.target_rows_per_fragment": POSITIVE,

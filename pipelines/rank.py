@@ -35,7 +35,7 @@ from ops.storage import filesystem, is_s3, read_json
 from pipelines.common import duplicate_ids, map_with_model, read_queries, select_work, stage_and_commit
 from pipelines.common import write_staging
 from pipelines.context import RunContext, Summary
-from pipelines.lake import Lake, TableError, has_vector_index
+from pipelines.lake import Lake, TableError, has_vector_index, sql_in
 
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 
@@ -94,6 +94,9 @@ def run(ctx: RunContext) -> Summary:
         ),
     }
     summary.note = f"run {ctx.run_id}; " + publish(lake, staged, provenance)
+    expired = expire_runs(lake, cfg.rank.keep_runs)
+    if expired:
+        summary.extra["runs_expired"] = len(expired)
     summary.outputs["parquet"] = rankings_parquet_uri(lake, run_date, ctx.run_id)
     lake.clear_staging("rank_results")
     return summary
@@ -254,7 +257,7 @@ def rankings_parquet_uri(lake: Lake, run_date: str, run_id: str) -> str:
 
 def publish(lake: Lake, staged, provenance: dict) -> str:
     """The run's rows to Parquet (one object, made visible whole) and to `rankings.lance`
-    (one commit that upserts them and deletes the run's rows they do not hold)."""
+    (appended; a rerun's old rows deleted first)."""
     run_id = provenance["run_id"]
     uri = rankings_parquet_uri(lake, provenance["run_date"], run_id)
     fs, path = filesystem(uri, lake.s3)
@@ -279,15 +282,40 @@ def publish(lake: Lake, staged, provenance: dict) -> str:
     source = pa.RecordBatchReader.from_batches(RANKINGS, _with_provenance(staged.to_batches(), provenance))
     table = lake.open("rankings")
     if table is None:
-        lance.write_dataset(
+        table = lance.write_dataset(
             source, lake.uri("rankings"), schema=RANKINGS, storage_options=lake.storage_options
         )
+        # Runs are found (a rerun's old rows, retention) through this index, not by a scan.
+        table.create_scalar_index("run_id", index_type="BTREE")
     else:
-        (
-            table.merge_insert(["run_id", "query_id", "rank"])
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete(f"run_id = '{run_id}'")
-            .execute(source)
-        )
+        # A run costs what it writes, not what history holds: a rerun of the same run id
+        # first deletes its old rows (through the run_id index), then the run is appended.
+        # Between the two commits a reader sees that run missing; its Parquet object,
+        # replaced whole above, is the atomic copy.
+        if table.count_rows(filter=f"run_id = '{run_id}'"):
+            table.delete(f"run_id = '{run_id}'")
+        lance.write_dataset(source, lake.uri("rankings"), schema=RANKINGS, mode="append",
+                            storage_options=lake.storage_options)
     return f"rankings at {uri} and {lake.uri('rankings')}"
+
+
+def expire_runs(lake: Lake, keep: int) -> list[str]:
+    """Retention (rank.keep_runs; 0 keeps all): the runs beyond the newest `keep`, by
+    when their Parquet object was written, lose that object and their rows of
+    `rankings.lance` (one delete through the run_id index). The run ids removed."""
+    from pyarrow.fs import FileSelector
+
+    if keep <= 0:
+        return []
+    fs, base = filesystem(f"{lake.root}/rankings", lake.s3)
+    files = [i for i in fs.get_file_info(FileSelector(base, allow_not_found=True, recursive=True))
+             if i.base_name.endswith(".parquet") and not i.base_name.startswith(".")]
+    files.sort(key=lambda i: i.mtime, reverse=True)
+    old = files[keep:]
+    runs = [i.base_name[: -len(".parquet")] for i in old]
+    table = lake.open("rankings")
+    if runs and table is not None:
+        table.delete(sql_in("run_id", runs))
+    for i in old:
+        fs.delete_file(i.path)
+    return runs

@@ -381,3 +381,44 @@ def test_batched_index_search_equals_one_vector_at_a_time(tmp_path, tiny_models)
     alone = [lake.nearest("embeddings", v[None], *args)[0] for v in vectors]
     assert [[i for i, _ in h] for h in together] == [[i for i, _ in h] for h in alone]
     assert all(len(h) == 11 and h == sorted(h, key=lambda x: -x[1]) for h in together)
+
+
+def _staged(tmp_path, name: str, n: int, tag: str):
+    from ops.rank import RESULT_SCHEMA
+
+    t = pa.table({"query_id": [f"q{i}" for i in range(n)], "rank": [1] * n, "image_id": [f"{tag}{i}" for i in range(n)],
+                  "score": [0.5] * n, "description": [None] * n}, schema=RESULT_SCHEMA)
+    return lance.write_dataset(t, str(tmp_path / f"{name}.lance"))
+
+
+def _provenance(run_id: str) -> dict:
+    return {"run_id": run_id, "run_date": "2026-11-24", "mode": "query_only", "prior_version": None,
+            "adapter_version": None, "embedder": "e", "config_hash": "h"}
+
+
+@pytest.mark.fast
+def test_publish_appends_a_run_replaces_a_rerun_and_retention_drops_the_oldest(tmp_path):
+    from pipelines.config import load_config
+    from pipelines.lake import Lake
+    from pipelines.rank import expire_runs, publish, rankings_parquet_uri
+
+    lake = Lake.from_conf(load_config("conf/demo.yaml", [f"run_dir={tmp_path}"]))
+    for i, run in enumerate(("r1", "r2", "r3")):
+        publish(lake, _staged(tmp_path, run, 3, run), _provenance(run))
+        # Written in this order: r1 is the oldest.
+        os.utime(rankings_parquet_uri(lake, "2026-11-24", run), (1_000_000 + i, 1_000_000 + i))
+    assert lake.open("rankings").count_rows() == 9
+    assert any("run_id" in ix.field_names for ix in lake.open("rankings").describe_indices())
+    # A rerun of r2 with other rows replaces r2's rows, and only those.
+    publish(lake, _staged(tmp_path, "r2b", 2, "new"), _provenance("r2"))
+    os.utime(rankings_parquet_uri(lake, "2026-11-24", "r2"), (1_000_001, 1_000_001))
+    rows = lake.open("rankings").to_table(columns=["run_id", "image_id"]).to_pylist()
+    assert sorted(r["image_id"] for r in rows if r["run_id"] == "r2") == ["new0", "new1"]
+    assert len(rows) == 8
+    assert pq.read_table(rankings_parquet_uri(lake, "2026-11-24", "r2")).num_rows == 2
+    # Keep 2 runs: r1 (the oldest) goes from the table and its Parquet object is deleted.
+    assert expire_runs(lake, 0) == []
+    assert expire_runs(lake, 2) == ["r1"]
+    assert {r["run_id"] for r in lake.open("rankings").to_table(columns=["run_id"]).to_pylist()} == {"r2", "r3"}
+    assert not os.path.exists(rankings_parquet_uri(lake, "2026-11-24", "r1"))
+    assert os.path.exists(rankings_parquet_uri(lake, "2026-11-24", "r3"))
