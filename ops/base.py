@@ -16,7 +16,6 @@ import pyarrow as pa
 from PIL import Image
 
 from model.errors import PipelineError
-from model.errors import PipelineError
 from ops.images import ImageRejected, load_image
 from ops.tables import TableReader
 

@@ -12,7 +12,14 @@ from ops.caption import (
     vllm_result,
 )
 from ops.schemas import CAPTIONS
-from pipelines.common import begin_model_stage, map_with_model, read_table, select_work, stage_and_commit
+from pipelines.common import (
+    StageOutput,
+    begin_model_stage,
+    map_with_model,
+    read_table,
+    select_work,
+    stage_and_commit,
+)
 from pipelines.config import ConfigError, plain
 from pipelines.context import RunContext, Summary
 
@@ -78,7 +85,8 @@ def run(ctx: RunContext) -> Summary:
         return Summary("caption")
     lake = ctx.lake
     images = read_table(lake, "images", ["image_id", "uri", "sha256", "source_caption"])
-    todo = select_work(ctx, summary, images, table="captions", compare={"sha256": "sha256"},
+    out = StageOutput("caption", OUTPUT_SCHEMA, "captions", ("image_id",), CAPTIONS)
+    todo = select_work(ctx, summary, images, out, table="captions", compare={"sha256": "sha256"},
                        constants={"model": ctx.cfg.models.captioner.name_or_path})
     if todo is None:
         return summary
@@ -86,7 +94,7 @@ def run(ctx: RunContext) -> Summary:
         staged = _with_vllm(ctx, todo)
     else:
         staged = map_with_model(todo, ctx, CaptionOp, "caption")
-    counts = stage_and_commit(staged, lake, "caption", OUTPUT_SCHEMA, "captions", ["image_id"], CAPTIONS)
+    counts = stage_and_commit(staged, ctx, out)
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - summary.rejected
     return summary

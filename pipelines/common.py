@@ -5,6 +5,7 @@ Stage modules import this module and never each other (tests/test_layout.py).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import pyarrow as pa
@@ -101,17 +102,46 @@ def duplicate_ids(
     )
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """Where a stage's rows go: its staging dataset (named by the stage, whose conf
+    section holds `commit_every`), then `table` by `keys` (good rows) and `rejects`."""
+
+    stage: str
+    staged_schema: pa.Schema
+    table: str
+    keys: tuple[str, ...]
+    schema: pa.Schema
+    reject_key: str = "image_id"
+
+
+def resume_staged(ctx: RunContext, summary: Summary, out: StageOutput) -> None:
+    """A killed run's staged rows (committed to the staging dataset `commit_every` rows at
+    a time as they were made) go to the table before any work is selected, so the rerun
+    redoes at most the interval in flight when it died."""
+    if ctx.dry_run or ctx.lake.open_staging(out.stage) is None:
+        return
+    counts = lake_tables.commit(ctx.lake, out.stage, out.table, list(out.keys), out.schema,
+                                reject_key=out.reject_key)
+    ctx.lake.clear_staging(out.stage)
+    summary.extra["resumed"] = counts["written"] + counts["rejected"]
+    log.warning("%s: committed %d rows a killed run had staged", out.stage, summary.extra["resumed"])
+
+
 def select_work(
-    ctx: RunContext, summary: Summary, ds: ray.data.Dataset, **compare
+    ctx: RunContext, summary: Summary, ds: ray.data.Dataset, output: StageOutput | None = None, **compare
 ) -> ray.data.Dataset | None:
     """The rows of `ds` whose output is missing or stale in the table (ops/tables.py
     classify_changes with `compare`'s arguments), or None when there is nothing to do.
+    With `output`, what a killed run staged is committed first (resume_staged).
 
     In a dry run (ctx.dry_run) it counts them instead, into the summary (new, changed,
     unchanged, rejected), and returns None: the stage then runs no model and writes nothing.
     """
     from ops.tables import classify_changes, count_changes, keep_changed
 
+    if output is not None:
+        resume_staged(ctx, summary, output)
     if ctx.dry_run:
         classified = ds.map_batches(
             classify_changes, batch_format="pyarrow", fn_kwargs=dict(tables=ctx.lake, **compare)
@@ -198,22 +228,27 @@ def check_embedder(ctx: RunContext, table: str = "embeddings", column: str = "ve
         check_vector_dim(ds, model.dim, ctx.lake.uri(table), column)
 
 
-def write_staging(ds, lake: Lake, stage: str, schema) -> None:
-    """Streams a dataset into the stage's (emptied) staging Lance dataset: distributed writes."""
+def write_staging(ds, lake: Lake, stage: str, schema, commit_every: int | None = None) -> None:
+    """Streams a dataset into the stage's (emptied) staging Lance dataset. With
+    `commit_every`, each batch of that many rows is committed to the staging as it comes
+    (lance_ray's streaming write, through the driver), so a killed run keeps what it
+    made; without, the workers write in parallel and one commit ends the write."""
     import lance_ray
 
     lake.clear_staging(stage)
+    streaming = dict(stream=True, batch_size=commit_every) if commit_every else {}
     lance_ray.write_lance(
-        ds, lake.staging_uri(stage), schema=schema, mode="create", storage_options=lake.storage_options
+        ds, lake.staging_uri(stage), schema=schema, mode="create", storage_options=lake.storage_options,
+        **streaming,
     )
 
 
-def stage_and_commit(
-    ds, lake: Lake, stage: str, staged_schema, table: str, keys, schema, reject_key: str = "image_id"
-) -> dict[str, int]:
-    """Writes a stage's output to its staging dataset, then commits it to `table` and
-    `rejects` (pipelines.lake.commit) and empties the staging."""
-    write_staging(ds, lake, stage, staged_schema)
-    counts = lake_tables.commit(lake, stage, table, keys, schema, reject_key=reject_key)
-    lake.clear_staging(stage)
+def stage_and_commit(ds, ctx: RunContext, out: StageOutput) -> dict[str, int]:
+    """Writes a stage's output to its staging dataset (committed every
+    `<stage>.commit_every` rows), then commits it to the table and `rejects`
+    (pipelines.lake.commit) and empties the staging."""
+    write_staging(ds, ctx.lake, out.stage, out.staged_schema, ctx.cfg[out.stage].commit_every)
+    counts = lake_tables.commit(ctx.lake, out.stage, out.table, list(out.keys), out.schema,
+                                reject_key=out.reject_key)
+    ctx.lake.clear_staging(out.stage)
     return counts

@@ -8,7 +8,14 @@ import pyarrow as pa
 from model.text_encoder import text_encoder_name
 from ops.conditions import ConditionOp
 from ops.schemas import REJECT_REASON, stage1_examples_schema
-from pipelines.common import begin_model_stage, map_with_model, read_table, select_work, stage_and_commit
+from pipelines.common import (
+    StageOutput,
+    begin_model_stage,
+    map_with_model,
+    read_table,
+    select_work,
+    stage_and_commit,
+)
 from pipelines.context import RunContext, Summary
 
 PAIRS = "kind = 'pair'"
@@ -28,7 +35,8 @@ def run(ctx: RunContext) -> Summary:
     schema = stage1_examples_schema(ctx.cfg.models.embedder.dim)
     encoder = text_encoder_name(ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"])
     pairs = read_table(lake, "embeddings", ["image_id", "sha256", "text", "vector"], filter=PAIRS)
-    todo = select_work(ctx, summary, pairs, table="stage1_examples",
+    out = StageOutput("conditions", schema.append(REJECT_REASON), "stage1_examples", ("image_id",), schema)
+    todo = select_work(ctx, summary, pairs, out, table="stage1_examples",
                        compare={"sha256": "sha256", "text": "text"}, constants={"text_encoder": encoder})
     if todo is None:
         return summary
@@ -37,9 +45,7 @@ def run(ctx: RunContext) -> Summary:
         batch_format="pyarrow",
         fn_kwargs=dict(encoder=encoder, names=schema.append(REJECT_REASON).names),
     )
-    counts = stage_and_commit(
-        staged, lake, "conditions", schema.append(REJECT_REASON), "stage1_examples", ["image_id"], schema
-    )
+    counts = stage_and_commit(staged, ctx, out)
     summary.written = counts["written"]
     summary.skipped = summary.read - summary.written
     return summary

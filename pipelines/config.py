@@ -280,6 +280,7 @@ RULES: dict[str, Rule] = {
     "plan.*.per_s": above(0),
     "compact.min_fragments": COUNT,
     "rank.keep_runs": COUNT,
+    "*.commit_every": COUNT,
     "ingest.max_delete_fraction": PROBABILITY,
     "ingest.delete_batch_size": POSITIVE,
     "compact.target_rows_per_fragment": POSITIVE,

@@ -16,7 +16,6 @@ from functools import cached_property
 from omegaconf import DictConfig, OmegaConf
 
 from model.errors import PipelineError
-from model.errors import PipelineError
 from pipelines.config import plain
 from pipelines.lake import Lake
 

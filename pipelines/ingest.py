@@ -6,7 +6,7 @@ import ray
 
 from ops.ingest import OUTPUT_SCHEMA, IngestOp
 from ops.schemas import IMAGES
-from pipelines.common import duplicate_ids, read_manifest, select_work, stage_and_commit
+from pipelines.common import StageOutput, duplicate_ids, read_manifest, select_work, stage_and_commit
 from pipelines.context import RunContext, Summary
 from pipelines.lake import delete_absent
 
@@ -31,12 +31,13 @@ def run(ctx: RunContext) -> Summary:
         batch_format="pyarrow",
         num_cpus=1,
     )
-    staged = select_work(ctx, summary, staged, table="images",
+    out = StageOutput("ingest", OUTPUT_SCHEMA, "images", ("image_id",), IMAGES)
+    staged = select_work(ctx, summary, staged, out, table="images",
                          compare={"sha256": "sha256", "uri": "uri", "source_caption": "source_caption"})
     if staged is None:
         summary.rejected = summary.extra.get("rejected", 0)
     else:
-        counts = stage_and_commit(staged, lake, "ingest", OUTPUT_SCHEMA, "images", ["image_id"], IMAGES)
+        counts = stage_and_commit(staged, ctx, out)
         summary.written, summary.rejected = counts["written"], counts["rejected"]
         summary.skipped = summary.read - summary.written - counts["rejected"]
     if cfg.ingest.delete_missing:

@@ -32,7 +32,14 @@ from model.text_encoder import text_encoder_dim
 from ops.rank import RESULT_SCHEMA, GallerySearch, QueryOp, RankError, file_digest, needs, resolve
 from ops.schemas import GALLERY, RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
 from ops.storage import filesystem, is_s3, read_json
-from pipelines.common import duplicate_ids, map_with_model, read_queries, select_work, stage_and_commit
+from pipelines.common import (
+    StageOutput,
+    duplicate_ids,
+    map_with_model,
+    read_queries,
+    select_work,
+    stage_and_commit,
+)
 from pipelines.common import write_staging
 from pipelines.context import RunContext, Summary
 from pipelines.lake import Lake, TableError, has_vector_index, sql_in
@@ -185,12 +192,13 @@ def model_versions(ctx: RunContext, use: set[str]) -> dict:
 def query_vectors(ctx: RunContext, summary: Summary, resolved: ray.data.Dataset, checkpoints: dict) -> None:
     """Vectors of the queries whose key changed, committed to `query_vectors` (rejects to
     `rejects`); the counts go into `summary` (in a dry run: new, changed, unchanged)."""
-    cfg, lake = ctx.cfg, ctx.lake
+    cfg = ctx.cfg
     use = needs(cfg.rank.mode, cfg.rank.text_query)
     samples = cfg.sampling.samples_per_query if ("prior" in use and cfg.sampling.aggregation == "none") else 1
     schema = query_vectors_schema(samples * cfg.models.embedder.dim)
     staged_schema = schema.append(REJECT_REASON).append(pa.field("uri", pa.string()))
-    todo = select_work(ctx, summary, resolved, table="query_vectors", key="query_id",
+    out = StageOutput("rank", staged_schema, "query_vectors", ("query_id", "mode"), schema, reject_key="query_id")
+    todo = select_work(ctx, summary, resolved, out, table="query_vectors", key="query_id",
                        compare={"query_key": "query_key"}, where=f"mode = '{cfg.rank.mode}'")
     if ctx.dry_run:  # the counts are select_work's: new, changed, unchanged, rejected
         summary.rejected = summary.extra["rejected"]
@@ -198,16 +206,7 @@ def query_vectors(ctx: RunContext, summary: Summary, resolved: ray.data.Dataset,
     counts = {"written": 0, "rejected": 0}
     if todo is not None:
         staged = map_with_model(todo, ctx, QueryOp, "rank", checkpoints=checkpoints, schema=staged_schema)
-        counts = stage_and_commit(
-            staged,
-            lake,
-            "rank",
-            staged_schema,
-            "query_vectors",
-            ["query_id", "mode"],
-            schema,
-            reject_key="query_id",
-        )
+        counts = stage_and_commit(staged, ctx, out)
     summary.skipped = 0
     summary.rejected = counts["rejected"]
     summary.extra.update(

@@ -23,7 +23,6 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import ray

@@ -8,7 +8,14 @@ from __future__ import annotations
 from model.text_encoder import text_encoder_name
 from ops.schemas import triplet_embeddings_schema
 from ops.triplets import TRIPLET_COLUMNS, TripletEmbedOp, hash_triplets, staged_schema
-from pipelines.common import check_embedder, map_with_model, read_manifest, select_work, stage_and_commit
+from pipelines.common import (
+    StageOutput,
+    check_embedder,
+    map_with_model,
+    read_manifest,
+    select_work,
+    stage_and_commit,
+)
 from pipelines.context import RunContext, Summary
 
 COMPARED = ("source_sha256", "target_sha256", "instruction", "target_description", "cond_text")
@@ -36,21 +43,14 @@ def run(ctx: RunContext) -> Summary:
             tables=lake, limits=ctx.conf["images"], condition_text=cfg.train_stage2.condition_text
         ),
     )
-    todo = select_work(ctx, summary, hashed, table="triplet_embeddings", key="triplet_id",
+    out = StageOutput("triplets", staged_schema(model.dim), "triplet_embeddings", ("triplet_id",),
+                      triplet_embeddings_schema(model.dim), reject_key="triplet_id")
+    todo = select_work(ctx, summary, hashed, out, table="triplet_embeddings", key="triplet_id",
                        compare={c: c for c in COMPARED}, constants=constants)
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, TripletEmbedOp, "triplets")
-    counts = stage_and_commit(
-        staged,
-        lake,
-        "triplets",
-        staged_schema(model.dim),
-        "triplet_embeddings",
-        ["triplet_id"],
-        triplet_embeddings_schema(model.dim),
-        reject_key="triplet_id",
-    )
+    counts = stage_and_commit(staged, ctx, out)
     summary.written, summary.rejected = counts["written"], counts["rejected"]
     summary.skipped = summary.read - summary.written - summary.rejected
     return summary
