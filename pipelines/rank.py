@@ -197,7 +197,8 @@ def query_vectors(ctx: RunContext, summary: Summary, resolved: ray.data.Dataset,
     samples = cfg.sampling.samples_per_query if ("prior" in use and cfg.sampling.aggregation == "none") else 1
     schema = query_vectors_schema(samples * cfg.models.embedder.dim)
     staged_schema = schema.append(REJECT_REASON).append(pa.field("uri", pa.string()))
-    out = StageOutput("rank", staged_schema, "query_vectors", ("query_id", "mode"), schema, reject_key="query_id")
+    out = StageOutput("rank", staged_schema, "query_vectors", ("query_id", "mode"), schema,
+                      reject_key="query_id")
     todo = select_work(ctx, summary, resolved, out, table="query_vectors", key="query_id",
                        compare={"query_key": "query_key"}, where=f"mode = '{cfg.rank.mode}'")
     if ctx.dry_run:  # the counts are select_work's: new, changed, unchanged, rejected
