@@ -128,7 +128,7 @@ def test_embeddings_of_another_size_are_refused_before_work(lake, tiny_models):
 
 def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
     """A stage killed after its Ray work but before its commit leaves the tables as they
-    were; the rerun does the work once."""
+    were; the rerun commits the staged row instead of captioning it again."""
     cfg = lake["cfg"]
     target = lake["manifest"][1]
     with open(target["uri"], "wb") as f:
@@ -147,7 +147,7 @@ def test_crash_before_commit_loses_and_duplicates_nothing(lake, monkeypatch):
     assert rows(cfg, "captions").to_pylist() == before
     monkeypatch.undo()
     again = run_stage(cfg, "caption")
-    assert (again.written, again.rejected) == (1, 0)
+    assert (again.resumed, again.written, again.rejected) == (1, 0, 0)
     ids = rows(cfg, "captions")["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == rows(cfg, "images").num_rows
     assert run_stage(cfg, "embed").written == 1
