@@ -44,7 +44,7 @@ def run(ctx: RunContext) -> Summary:
         versions_removed += stats.old_versions
         bytes_removed += stats.bytes_removed
     summary.extra.update(fragments_before=fragments_before, fragments_after=fragments_after,
-                         versions_removed=versions_removed, mib_removed=round(bytes_removed / 2**20, 1))
+                         versions_removed=versions_removed, kib_removed=round(bytes_removed / 1024))
     if ctx.dry_run:
         summary.note = f"dry run: {summary.written} of {summary.read} tables would be compacted"
     return summary
