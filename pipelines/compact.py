@@ -35,10 +35,10 @@ def run(ctx: RunContext) -> Summary:
                                       materialize_deletions=True)
             ds = lake.open(name)
             ds.optimize.optimize_indices()
+            ds = lake.open(name)
             summary.written += 1
         else:
             summary.skipped += 1
-        ds = lake.open(name)
         fragments_after += len(ds.get_fragments())
         stats = ds.cleanup_old_versions(older_than=dt.timedelta(days=c.keep_versions_days))
         versions_removed += stats.old_versions

@@ -10,8 +10,8 @@ from pipelines.common import StageOutput, duplicate_ids, read_manifest, select_w
 from pipelines.context import RunContext, Summary
 from pipelines.lake import delete_absent
 
-# The tables whose rows belong to an image, by the column holding its id.
-IMAGE_TABLES = {"captions": "image_id", "embeddings": "image_id"}
+# The tables whose rows belong to an image (keyed by its image_id).
+IMAGE_TABLES = ("captions", "embeddings")
 
 
 def run(ctx: RunContext) -> Summary:
@@ -46,24 +46,27 @@ def run(ctx: RunContext) -> Summary:
 
 
 def delete_missing(ctx: RunContext, summary: Summary, manifest: ray.data.Dataset) -> None:
-    """Images no longer in the manifest leave `images`, then their captions and
-    embeddings (so the gallery stops ranking them): one keyed commit per table."""
+    """Images no longer in the manifest leave `captions` and `embeddings` (so the gallery
+    stops ranking them), then `images`: one keyed commit per table. A night where no
+    image left costs one anti-join against `images`, nothing more."""
     lake, cfg = ctx.lake, ctx.cfg
     schema = pa.schema([("image_id", pa.string())])
 
-    def manifest_ids():
-        for b in manifest.select_columns(["image_id"]).iter_batches(
-            batch_format="pyarrow", batch_size=cfg.ingest.delete_batch_size
-        ):
-            yield from b.cast(schema).to_batches()
+    def manifest_ids() -> pa.RecordBatchReader:
+        def batches():
+            for b in manifest.select_columns(["image_id"]).iter_batches(
+                batch_format="pyarrow", batch_size=cfg.ingest.delete_batch_size
+            ):
+                yield from b.cast(schema).to_batches()
 
-    present = pa.RecordBatchReader.from_batches(schema, manifest_ids())
-    summary.extra["deleted"] = delete_absent(lake, "images", "image_id", present,
-                                             cfg.ingest.max_delete_fraction, ctx.dry_run)
-    if ctx.dry_run or lake.open("images") is None:
-        return
-    for table, key in IMAGE_TABLES.items():
-        kept = lake.open("images").scanner(columns=["image_id"], batch_size=cfg.ingest.delete_batch_size)
-        gone = delete_absent(lake, table, key, kept.to_reader())
-        if gone:
-            summary.extra[f"deleted_{table}"] = gone
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    def dependents_first():
+        for table in IMAGE_TABLES:
+            gone = delete_absent(lake, table, "image_id", manifest_ids())
+            if gone:
+                summary.extra[f"deleted_{table}"] = gone
+
+    summary.extra["deleted"] = delete_absent(lake, "images", "image_id", manifest_ids(),
+                                             cfg.ingest.max_delete_fraction, ctx.dry_run,
+                                             before_commit=dependents_first)

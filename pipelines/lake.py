@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import lance
 import numpy as np
@@ -180,12 +180,15 @@ def commit(
 
 
 def delete_absent(lake: Lake, table: str, key: str, present: pa.RecordBatchReader,
-                  max_fraction: float | None = None, dry_run: bool = False) -> int:
+                  max_fraction: float | None = None, dry_run: bool = False,
+                  before_commit: Callable[[], None] | None = None) -> int:
     """Deletes, in one commit, the rows of `table` whose `key` is not among `present`'s
     (an anti-join inside Lance); the number of rows deleted (dry run: that would be).
 
     The deletion is prepared uncommitted first: more than `max_fraction` of the table is
     refused with nothing deleted (a truncated manifest must not empty the catalogue).
+    `before_commit` runs only when rows are to go, just before they do (the tables that
+    depend on this one are cleaned first, so a kill in between leaves no orphans).
     """
     ds = lake.open(table)
     if ds is None:
@@ -200,6 +203,8 @@ def delete_absent(lake: Lake, table: str, key: str, present: pa.RecordBatchReade
             f"or raise ingest.max_delete_fraction for this run)"
         )
     if n and not dry_run:
+        if before_commit is not None:
+            before_commit()
         lance.LanceDataset.commit(lake.uri(table), tx, read_version=ds.version,
                                   storage_options=lake.storage_options)
     return n
