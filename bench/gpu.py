@@ -231,7 +231,7 @@ def random_mllm(section, cfg, role: str, device: torch.device, dtype: str, attn:
     from pipelines.synthetic import tokenizer_corpus
 
     m = cfg.models[role]
-    corpus = tokenizer_corpus() + [cfg.caption.prompt_long, cfg.models.embedder.instruction]
+    corpus = tokenizer_corpus() + [cfg.caption.prompt_long, cfg.models.embedder.query_instruction]
     processor, ids = tiny_processor(corpus, cfg.tiny_models.mllm.vocab_size, m.image_min_pixels, m.image_max_pixels)
     t = plain(section.text)
     head_dim = t["hidden_size"] // t["num_attention_heads"]
@@ -292,7 +292,9 @@ def bench_embedding(cfg, rec: Recorder, device: torch.device, dtype: str) -> Non
         for threads, on_device, parts, attention in es.variants:
             mllm.set_preprocessing(threads, bool(on_device))
             set_vision_attention(mllm.model, attention)
-            embedder = FusedEmbedder(mllm, cfg.models.embedder.instruction, cfg.models.embedder.end_token, parts)
+            e = cfg.models.embedder
+            embedder = FusedEmbedder(mllm, e.query_instruction, e.candidate_instruction, e.end_token, parts,
+                                     e.max_tokens, e.position_ids)
             for b in work.batches:
                 images = random_images(b, work.sizes, b)
                 texts = [text] * b

@@ -14,14 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import (
-    AutoImageProcessor,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    ProcessorMixin,
-)
+from transformers import AutoModelForImageTextToText, ProcessorMixin
 
+from model.errors import PipelineError
 from model.vision_attention import set_vision_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,9 +31,12 @@ def torch_dtype(name: str) -> torch.dtype:
 def _image_only_processor_class(processor_cls):
     """The model's processor class, built without a video processor.
 
-    Qwen-VL processors build a video processor that needs torchvision; on machines
-    without it `AutoProcessor` silently returns only the tokenizer. Images are all
-    this pipeline feeds, so the video half is left out.
+    Qwen-VL processors build a video processor that needs torchvision, which is not a
+    dependency (images are all this pipeline feeds); the real checkpoints'
+    preprocessor_config.json names Qwen2VLProcessor / Qwen2_5_VLProcessor, and
+    `AutoProcessor` on them fails without torchvision. This subclass's signature has
+    no video processor, so `from_pretrained` loads the tokenizer, the image processor
+    (its PIL backend) and the chat template only.
     """
 
     class ImageOnlyProcessor(processor_cls):
@@ -51,20 +49,33 @@ def _image_only_processor_class(processor_cls):
                 **kwargs,
             )
 
+    ImageOnlyProcessor.__name__ = f"ImageOnly{processor_cls.__name__}"
     return ImageOnlyProcessor
 
 
 def load_processor(name_or_path: str) -> ProcessorMixin:
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    if isinstance(processor, ProcessorMixin) and getattr(processor, "image_processor", None) is not None:
-        return processor
-    # Fallback described in _image_only_processor_class: rebuild from the parts.
-    from transformers import Qwen2_5_VLProcessor
+    """The processor of an MLLM checkpoint, chosen by its config's model_type (the class
+    transformers registers for it), images only (see `_image_only_processor_class`)."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-    cls = _image_only_processor_class(Qwen2_5_VLProcessor)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    cls_name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    if cls_name is None or not hasattr(transformers, cls_name):
+        raise PipelineError(
+            f"{name_or_path}: no processor is registered for model_type {model_type!r}; "
+            "expected a Qwen-VL family checkpoint (qwen2_vl, qwen2_5_vl)"
+        )
+    processor = _image_only_processor_class(getattr(transformers, cls_name)).from_pretrained(name_or_path)
+    if processor.chat_template is None:
+        # Qwen2-VL-era repositories (GME's) keep the template in tokenizer_config.json.
+        processor.chat_template = processor.tokenizer.chat_template
+    if processor.chat_template is None:
+        raise PipelineError(
+            f"{name_or_path}: no chat template (chat_template.json, .jinja or tokenizer_config.json)"
+        )
+    return processor
 
 
 @dataclass
@@ -94,14 +105,15 @@ class MLLM:
         return self.processor.tokenizer
 
     def encode(self, conversations: Sequence[list], images: Sequence[Image.Image] | None,
-               add_generation_prompt: bool, suffix: str = "") -> dict:
-        """Chat conversations (+ their images, in order) to model inputs, left-padded."""
+               add_generation_prompt: bool, suffix: str = "", max_length: int = 0) -> dict:
+        """Chat conversations (+ their images, in order) to model inputs, left-padded;
+        max_length > 0 truncates each row to that many tokens (image tokens included)."""
         texts = [
             self.processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False)
             + suffix
             for c in conversations
         ]
-        kwargs = {}
+        kwargs = dict(truncation=True, max_length=max_length) if max_length > 0 else {}
         if images:
             # Qwen-VL's pixel budget: shortest_edge/longest_edge hold min/max pixels.
             kwargs["size"] = {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels}
@@ -295,13 +307,39 @@ class Captioner:
         return self.generate(images, [prompt] * len(images), max_new_tokens)
 
 
+POSITION_IDS = ("sequential", "mrope")
+SIDES = ("query", "candidate")
+
+
+def pre_resize(image: Image.Image, min_pixels: int, max_pixels: int, factor: int) -> Image.Image:
+    """GME's own first resize (gme_inference.py `fetch_image`, from qwen_vl_utils): each
+    side rounded to a multiple of `factor` pixels, the area kept within
+    [min_pixels, max_pixels], bicubic; the processor then resizes the result again to
+    its pixel budget. Skipping it changes the pixels the vision tower sees."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    height, width = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+
+
 class FusedEmbedder:
     """f_M: an image, a text, or both -> a unit vector in the joint vision-language space.
 
     The input is an instruction-augmented chat sequence (a system turn carrying the
     instruction, a user turn carrying the image and/or text), as GME builds it; the
     embedding is the final hidden state of the last token, L2-normalised
-    (fusion-diff section 3.1).
+    (fusion-diff section 3.1). The defaults in conf (`models.embedder`) make the
+    vectors GME's own (tests/test_checkpoints.py compares them with a re-implementation
+    of GME's published inference):
+
+    - two instructions: candidates (gallery images, training targets) get GME's default
+      system prompt, queries (composed queries, target descriptions, text queries) a
+      task instruction; `side` picks one.
+    - max_tokens: inputs truncated as GME truncates them (1,800 tokens).
+    - position_ids "sequential": the language model sees positions 0..L-1 over the
+      padded row, image tokens included, as GME's inference calls it (inputs_embeds and
+      no position ids); "mrope" lets the model compute Qwen2-VL's 3-D positions.
+    - pre_resize: GME's `fetch_image` resize before the processor's (`pre_resize`).
 
     overlap_parts (conf models.embedder.overlap_parts): a batch is embedded in that many
     parts of similar length (fewer pad tokens), the processor preparing part i+1 on a
@@ -310,18 +348,27 @@ class FusedEmbedder:
     (tests/test_fast_paths.py).
     """
 
-    def __init__(self, mllm: MLLM, instruction: str, end_token: str, overlap_parts: int = 1):
+    def __init__(self, mllm: MLLM, query_instruction: str, candidate_instruction: str, end_token: str,
+                 overlap_parts: int = 1, max_tokens: int = 0, position_ids: str = "mrope",
+                 pre_resize_pixels: tuple[int, int] | None = None, pre_resize_factor: int = 28):
+        if position_ids not in POSITION_IDS:
+            raise ValueError(f"position_ids={position_ids!r}: expected one of {', '.join(POSITION_IDS)}")
         self.mllm = mllm
-        self.instruction = instruction
+        self.instructions = {"query": query_instruction, "candidate": candidate_instruction}
         # GME ends the sequence with an end-of-text token after the assistant header and
         # reads that position's state; the token is a config value.
         self.end_token = end_token
         self.overlap_parts = max(1, overlap_parts)
+        self.max_tokens = max_tokens
+        self.position_ids = position_ids
+        self.pre_resize_pixels, self.pre_resize_factor = pre_resize_pixels, pre_resize_factor
 
     @classmethod
     def from_conf(cls, m: dict) -> "FusedEmbedder":
         """From the `models.embedder` section of conf (a plain dict)."""
-        return cls(load_mllm_from_conf(m), m["instruction"], m["end_token"], m["overlap_parts"])
+        bounds = (m["pre_resize_min_pixels"], m["pre_resize_max_pixels"]) if m["pre_resize"] else None
+        return cls(load_mllm_from_conf(m), m["query_instruction"], m["candidate_instruction"], m["end_token"],
+                   m["overlap_parts"], m["max_tokens"], m["position_ids"], bounds, m["pre_resize_factor"])
 
     @property
     def dim(self) -> int:
@@ -330,9 +377,12 @@ class FusedEmbedder:
 
     @torch.inference_mode()
     def embed(
-        self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None
+        self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None,
+        side: str = "candidate",
     ) -> torch.Tensor:
-        """(B, d_VL) float32 unit vectors, on the CPU."""
+        """(B, d_VL) float32 unit vectors, on the CPU; `side` picks the instruction."""
+        if side not in SIDES:
+            raise ValueError(f"embed side={side!r}: expected one of {', '.join(SIDES)}")
         n = len(images) if images is not None else len(texts)
         images = list(images) if images is not None else [None] * n
         texts = list(texts) if texts is not None else [None] * n
@@ -341,15 +391,20 @@ class FusedEmbedder:
         for im, t in zip(images, texts):
             if im is None and not t:
                 raise ValueError("embed: every item needs an image, a text or both")
+        if self.pre_resize_pixels is not None:
+            images = [None if im is None else pre_resize(im, *self.pre_resize_pixels, self.pre_resize_factor)
+                      for im in images]
+        instruction = self.instructions[side]
         conversations = [
-            [{"role": "system", "content": [{"type": "text", "text": self.instruction}]}, _user_turn(im, t)]
+            [{"role": "system", "content": [{"type": "text", "text": instruction}]}, _user_turn(im, t)]
             for im, t in zip(images, texts)
         ]
 
         def encode(lo: int, hi: int) -> dict:
             present = [im for im in images[lo:hi] if im is not None]
             return self.mllm.encode(
-                conversations[lo:hi], present, add_generation_prompt=True, suffix=self.end_token
+                conversations[lo:hi], present, add_generation_prompt=True, suffix=self.end_token,
+                max_length=self.max_tokens,
             )
 
         bounds = np.linspace(0, n, min(self.overlap_parts, n) + 1).round().astype(int).tolist()
@@ -383,5 +438,28 @@ class FusedEmbedder:
         # The base model (no LM head): its last_hidden_state is the final-norm output GME
         # reads, without the vocabulary projection of every position (151k x d_VL a
         # token, ~6% of the work) or every layer's states.
+        if self.position_ids == "sequential":
+            rows, length = batch["input_ids"].shape
+            positions = torch.arange(length, device=batch["input_ids"].device)
+            batch = {**batch, "position_ids": positions.view(1, 1, -1).expand(3, rows, length)}
         out = self.mllm.model.base_model(**batch, use_cache=False)
         return F.normalize(out.last_hidden_state[:, -1, :].float(), dim=-1).cpu()
+
+
+# The embedder settings a vector depends on besides the weights (`embedder_id`).
+VECTOR_SETTINGS = (
+    "query_instruction", "candidate_instruction", "end_token", "max_tokens", "position_ids",
+    "pre_resize", "pre_resize_min_pixels", "pre_resize_max_pixels", "pre_resize_factor",
+    "image_min_pixels", "image_max_pixels",
+)
+
+
+def embedder_id(m: dict) -> str:
+    """What the `model` column of a vector names: the checkpoint and a digest of the
+    settings that change its vectors, so that changing an instruction or the pixel
+    budget re-embeds (the incremental stages compare this string)."""
+    import hashlib
+    import json
+
+    settings = json.dumps({k: m[k] for k in VECTOR_SETTINGS}, sort_keys=True)
+    return f"{m['name_or_path']}#{hashlib.sha256(settings.encode()).hexdigest()[:12]}"

@@ -5,7 +5,7 @@ import hashlib
 
 import pyarrow as pa
 
-from model.mllm import FusedEmbedder
+from model.mllm import FusedEmbedder, embedder_id
 from ops.base import EmbeddingSizeError, ImageRowsOp
 from ops.schemas import embeddings_schema, with_reject_reason
 from ops.tables import TableReader
@@ -57,7 +57,7 @@ class EmbedOp(ImageRowsOp):
         model = conf["models"]["embedder"]
         self.embedder = FusedEmbedder.from_conf(model)
         check_embedder_dim(model["name_or_path"], self.embedder.dim, model["dim"])
-        self.model_name = model["name_or_path"]
+        self.model_name = embedder_id(model)
         self.schema = with_reject_reason(embeddings_schema(model["dim"]))
 
     def _row(self, row: dict, kind: str) -> dict:

@@ -221,9 +221,9 @@ class QueryOp(ImageRowsOp):
         if mode == "text":
             if self.prior is not None:
                 return self._sample(texts, None, keys).view(len(rows), -1, self.dim), texts
-            return self.embedder.embed(texts=texts).unsqueeze(1), texts
+            return self.embedder.embed(texts=texts, side="query").unsqueeze(1), texts
         zq = (
-            self.embedder.embed(images=images, texts=texts)
+            self.embedder.embed(images=images, texts=texts, side="query")
             if mode in ("full", "query_only", "joint")
             else None
         )
@@ -232,7 +232,7 @@ class QueryOp(ImageRowsOp):
         desc = self._describe(images, rows)
         if mode == "joint":
             w = self.rank["joint_weight"]
-            zt = self.embedder.embed(texts=desc)
+            zt = self.embedder.embed(texts=desc, side="query")
             return (w * zq + (1 - w) * zt).unsqueeze(1), desc
         z = self._sample(desc, zq if mode == "full" else None, keys)
         return z.view(len(rows), -1, self.dim), desc

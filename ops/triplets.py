@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from model.mllm import FusedEmbedder
+from model.mllm import FusedEmbedder, embedder_id
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_name
 from ops.base import ImageRowsOp
 from ops.conditions import conditions_to_arrow
@@ -61,7 +61,7 @@ class TripletEmbedOp(ImageRowsOp):
         super().__init__(tables)
         model, te = conf["models"]["embedder"], conf["models"]["text_encoder"]
         self.embedder = FusedEmbedder.from_conf(model)
-        self.model_name = model["name_or_path"]
+        self.model_name = embedder_id(model)
         self.encoder, self.encoder_name = None, None
         if conf["train"]["text_conditions"] == "precomputed":
             self.encoder = load_text_encoder_from_conf(te, model)
@@ -80,7 +80,7 @@ class TripletEmbedOp(ImageRowsOp):
 
     def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
         zq = self.embedder.embed(
-            images=[im[0] for im in images], texts=[r["instruction"] for r in rows]
+            images=[im[0] for im in images], texts=[r["instruction"] for r in rows], side="query"
         ).numpy()
         zt = self.embedder.embed(
             images=[im[1] for im in images], texts=[r["target_description"] for r in rows]

@@ -208,6 +208,11 @@ RULES: dict[str, Rule] = {
     "models.*.vision_attention": one_of("per_image", "padded", "flex"),
     "models.embedder.overlap_parts": POSITIVE,
     "models.embedder.dim": POSITIVE,
+    "models.embedder.max_tokens": COUNT,
+    "models.embedder.position_ids": one_of("sequential", "mrope"),
+    "models.embedder.pre_resize_factor": POSITIVE,
+    "models.embedder.pre_resize_min_pixels": POSITIVE,
+    "models.embedder.pre_resize_max_pixels": POSITIVE,
     "models.text_encoder.kind": one_of("t5", "mllm"),
     "models.text_encoder.max_tokens": POSITIVE,
     "tiny_models.*.*": POSITIVE,
@@ -330,6 +335,10 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
                     f">= models.{name}.image_min_pixels={m.image_min_pixels}",
                 )
             )
+    e = cfg.models.embedder
+    if e.pre_resize_max_pixels < e.pre_resize_min_pixels:
+        broken.append(("models.embedder.pre_resize_max_pixels", e.pre_resize_max_pixels,
+                       f">= models.embedder.pre_resize_min_pixels={e.pre_resize_min_pixels}"))
     p = cfg.prior
     if p.map_size % p.patch_size:
         broken.append(("prior.map_size", p.map_size, f"a multiple of prior.patch_size={p.patch_size}"))

@@ -1,6 +1,7 @@
 """Stage `embed`: images + captions -> `embeddings` of kind image (gallery) and pair (Stage 1)."""
 from __future__ import annotations
 
+from model.mllm import embedder_id
 from ops.embed import EmbedOp, attach_captions
 from ops.schemas import embeddings_schema, with_reject_reason
 from pipelines.common import begin_model_stage, check_embedder, map_with_model, read_table, select_work
@@ -22,7 +23,8 @@ def run(ctx: RunContext) -> Summary:
     out = StageOutput("embed", with_reject_reason(schema), "embeddings", ("image_id", "kind"), schema)
     todo = select_work(ctx, summary, captioned, out, table="embeddings",
                        compare={"sha256": "sha256", "text": "pair_text"},
-                       constants={"model": model.name_or_path}, where="kind = 'pair'")
+                       constants={"model": embedder_id(ctx.conf["models"]["embedder"])},
+                       where="kind = 'pair'")
     if todo is None:
         return summary
     staged = map_with_model(todo, ctx, EmbedOp, "embed")

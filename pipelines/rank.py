@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from model.checkpoints import CheckpointMismatch
+from model.mllm import embedder_id
 from model.text_encoder import text_encoder_dim
 from ops.rank import RESULT_SCHEMA, GallerySearch, QueryOp, RankError, file_digest, needs, resolve
 from ops.schemas import GALLERY, RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
@@ -171,7 +172,7 @@ def model_versions(ctx: RunContext, use: set[str]) -> dict:
             tokens=cfg.rank.describe_max_new_tokens,
         )
     if "embedder" in use:
-        out.update(embedder=m.embedder.name_or_path, instruction=m.embedder.instruction)
+        out.update(embedder=embedder_id(conf["models"]["embedder"]))
     if "text_encoder" in use:
         out.update(text_encoder=[m.text_encoder.kind, m.text_encoder.name_or_path, m.text_encoder.max_tokens])
     if "prior" in use:

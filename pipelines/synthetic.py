@@ -245,7 +245,8 @@ def build_demo_models(cfg) -> list[str]:
     corpus = tokenizer_corpus() + [
         cfg.caption.prompt_long,
         cfg.caption.prompt_short,
-        cfg.models.embedder.instruction,
+        cfg.models.embedder.query_instruction,
+        cfg.models.embedder.candidate_instruction,
     ]
     built = []
     for path in sorted(

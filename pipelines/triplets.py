@@ -3,6 +3,7 @@
 Incremental like the data stages: a triplet whose images' bytes, texts, condition text
 and embedder are unchanged is skipped before any model runs.
 """
+from model.mllm import embedder_id
 from __future__ import annotations
 
 from model.text_encoder import text_encoder_name
@@ -31,7 +32,7 @@ def run(ctx: RunContext) -> Summary:
         cfg.catalogue.triplets, lake.s3, required=TRIPLET_COLUMNS, optional=(), what="triplets"
     )
     summary.read = ds.count()
-    constants = {"model": model.name_or_path}
+    constants = {"model": embedder_id(ctx.conf["models"]["embedder"])}
     if cfg.train.text_conditions == "precomputed":
         constants["text_encoder"] = text_encoder_name(
             ctx.conf["models"]["text_encoder"], ctx.conf["models"]["embedder"]

@@ -22,6 +22,8 @@ D, COND = 32, 16
 SIZES = dict(d_vl=D, cond_dim=COND, map_channels=4, map_size=8, patch_size=2, hidden_size=32, num_heads=4,
              mlp_ratio=2.0, num_encoder_blocks=2, num_decoder_blocks=2, frequency_size=32)
 
+INSTRUCTION = "Represent the user's input."
+
 
 def opened(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Zero-initialised gates and outputs opened, as after training."""
@@ -197,10 +199,10 @@ def test_threaded_preprocessing_and_device_normalisation_give_the_processor_inpu
 
 def test_embedder_fast_preprocessing_and_base_model_state(plain_mllm, fast_mllm):
     ims = images(5)
-    plain_e = FusedEmbedder(plain_mllm, "Represent the user's input.", "<|endoftext|>")
+    plain_e = FusedEmbedder(plain_mllm, INSTRUCTION, INSTRUCTION, "<|endoftext|>")
     v = plain_e.embed(images=ims, texts=TEXTS)
     for parts in (1, 2, 5):  # 2: uneven parts, the second prepared while the first runs
-        fast_e = FusedEmbedder(fast_mllm, "Represent the user's input.", "<|endoftext|>", overlap_parts=parts)
+        fast_e = FusedEmbedder(fast_mllm, INSTRUCTION, INSTRUCTION, "<|endoftext|>", overlap_parts=parts)
         assert rel(fast_e.embed(images=ims, texts=TEXTS), v) < 1e-5
     # The base model's last state is what the full model's last hidden state was (the
     # embedder no longer runs the LM head for it).

@@ -19,7 +19,7 @@ def mllm(tiny_models):
 
 @pytest.fixture(scope="module")
 def embedder(mllm):
-    return FusedEmbedder(mllm, INSTRUCTION, "<|endoftext|>")
+    return FusedEmbedder(mllm, INSTRUCTION, INSTRUCTION, "<|endoftext|>")
 
 
 def images():

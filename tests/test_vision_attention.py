@@ -18,6 +18,8 @@ pytestmark = pytest.mark.fast
 
 PATCH = 14
 
+INSTRUCTION = "Represent the user's input."
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
@@ -118,7 +120,7 @@ def test_fused_embeddings_are_the_same_with_packed_attention(tiny_models):
     vectors = {}
     for mode in ("per_image", "padded", "flex"):
         mllm = load_mllm(tiny_models["mllm"], image_min_pixels=3136, image_max_pixels=12544, vision_attention=mode)
-        embedder = FusedEmbedder(mllm, "Represent the user's input.", "<|endoftext|>")
+        embedder = FusedEmbedder(mllm, INSTRUCTION, INSTRUCTION, "<|endoftext|>")
         vectors[mode] = embedder.embed(images=images, texts=texts)
     lengths = {int(h * w) for h, w in mllm.encode(
         [[{"role": "user", "content": [{"type": "image"}]}]] * 4, images, True)["image_grid_thw"][:, 1:].tolist()}
