@@ -35,6 +35,21 @@ def check_backend(cfg) -> None:
         )
 
 
+def vllm_engine_kwargs(cfg) -> dict:
+    """The captioner's vLLM engine arguments. The image processor gets the captioner's
+    pixel budget (models.captioner.image_min/max_pixels), as the transformers backend
+    does: without it Qwen's default allows 16,384 tokens an image, which overflows
+    max_model_len and gives other captions than the transformers backend."""
+    m, v = cfg.models.captioner, cfg.caption.vllm
+    return {
+        "dtype": m.dtype,
+        "max_model_len": v.max_model_len,
+        "limit_mm_per_prompt": {"image": 1},
+        "mm_processor_kwargs": {"min_pixels": m.image_min_pixels, "max_pixels": m.image_max_pixels},
+        **plain(v.engine_kwargs),
+    }
+
+
 def vllm_processor(cfg):
     """ray.data.llm's vLLM processor for the captioner: one engine per GPU actor
     (caption.num_actors), continuous batching inside it (caption.vllm.batch_size rows
@@ -44,12 +59,7 @@ def vllm_processor(cfg):
     v = cfg.caption.vllm
     config = vLLMEngineProcessorConfig(
         model_source=cfg.models.captioner.name_or_path,
-        engine_kwargs={
-            "dtype": cfg.models.captioner.dtype,
-            "max_model_len": v.max_model_len,
-            "limit_mm_per_prompt": {"image": 1},
-            **plain(v.engine_kwargs),
-        },
+        engine_kwargs=vllm_engine_kwargs(cfg),
         batch_size=v.batch_size,
         concurrency=cfg.caption.num_actors,
         prepare_multimodal_stage=True,

@@ -209,6 +209,7 @@ RULES: dict[str, Rule] = {
     "models.embedder.overlap_parts": POSITIVE,
     "models.embedder.dim": POSITIVE,
     "models.embedder.max_tokens": COUNT,
+    "models.captioner.image_pixels_per_token": POSITIVE,
     "models.embedder.position_ids": one_of("sequential", "mrope"),
     "models.embedder.pre_resize_factor": POSITIVE,
     "models.embedder.pre_resize_min_pixels": POSITIVE,
@@ -335,6 +336,12 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
                     f">= models.{name}.image_min_pixels={m.image_min_pixels}",
                 )
             )
+    c, v = cfg.models.captioner, cfg.caption.vllm
+    need = c.image_max_pixels // c.image_pixels_per_token + cfg.caption.max_new_tokens_long
+    if cfg.caption.backend == "vllm" and v.max_model_len < need:
+        broken.append(("caption.vllm.max_model_len", v.max_model_len,
+                       f">= {need} (the largest image's tokens, models.captioner.image_max_pixels / "
+                       f"image_pixels_per_token, plus caption.max_new_tokens_long)"))
     e = cfg.models.embedder
     if e.pre_resize_max_pixels < e.pre_resize_min_pixels:
         broken.append(("models.embedder.pre_resize_max_pixels", e.pre_resize_max_pixels,

@@ -75,6 +75,23 @@ def test_vllm_processor_is_wired_for_images(ray_local):
     assert stages[0].startswith("PrepareMultimodal") and any("vLLM" in s for s in stages)
 
 
+def test_vllm_requests_carry_the_transformers_pixel_budget():
+    from pipelines.caption import vllm_engine_kwargs
+
+    cfg = load_config("conf/prod.yaml", ["caption.backend=vllm", "caption.vllm.engine_kwargs.max_num_seqs=128"])
+    kwargs = vllm_engine_kwargs(cfg)
+    m = cfg.models.captioner
+    assert kwargs["mm_processor_kwargs"] == {"min_pixels": m.image_min_pixels, "max_pixels": m.image_max_pixels}
+    assert kwargs["max_num_seqs"] == 128 and kwargs["max_model_len"] == cfg.caption.vllm.max_model_len
+
+
+def test_a_pixel_budget_that_overflows_max_model_len_is_refused():
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="caption.vllm.max_model_len"):
+        load_config("conf/prod.yaml", ["caption.backend=vllm", "models.captioner.image_max_pixels=12845056"])
+
+
 def test_running_the_vllm_backend_without_vllm_is_refused(tmp_path):
     from tests.conftest import run_stage
 
