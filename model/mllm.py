@@ -200,21 +200,37 @@ def load_mllm(
     preprocess_threads: int = 1,
     normalize_on_device: bool = False,
     vision_attention: str = "per_image",
+    device_map: str | None = None,
 ) -> MLLM:
+    """device_map "auto" shards the model over every GPU the process sees (a model larger
+    than one GPU, such as the 72B describer); None puts it whole on `device`. On CUDA, a
+    model whose weights exceed the memory it is given is refused before loading."""
+    from model.memory import check_fits, visible_gpu_gib, weights_bytes
+
+    if device.startswith("cuda"):
+        gpus, gib = visible_gpu_gib()
+        check_fits(
+            f"{name_or_path} ({dtype} weights)", weights_bytes(name_or_path, dtype),
+            gpus if device_map else min(gpus, 1), gib,
+            "give its actor more GPUs (num_gpus_per_actor) and set models.<role>.device_map: auto",
+        )
     # Left padding: the last position of every row is its real last token, which
     # both the fused embedding (last hidden state) and batched `generate` rely on.
     processor = load_processor(name_or_path)
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+        name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation,
+        **({"device_map": device_map} if device_map else {}),
     )
     set_vision_attention(model, vision_attention)
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     return MLLM(
         model,
         processor,
         name_or_path,
-        torch.device(device),
+        model.get_input_embeddings().weight.device,
         image_min_pixels,
         image_max_pixels,
         preprocess_threads,
@@ -234,6 +250,7 @@ def load_mllm_from_conf(m: dict) -> MLLM:
         preprocess_threads=m["preprocess_threads"],
         normalize_on_device=m["normalize_on_device"],
         vision_attention=m["vision_attention"],
+        device_map=m["device_map"],
     )
 
 

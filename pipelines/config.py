@@ -206,6 +206,7 @@ RULES: dict[str, Rule] = {
     "models.*.attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
     "models.*.preprocess_threads": POSITIVE,
     "models.*.vision_attention": one_of("per_image", "padded", "flex"),
+    "models.*.device_map": one_of(None, "auto"),
     "models.embedder.overlap_parts": POSITIVE,
     "models.embedder.dim": POSITIVE,
     "models.embedder.max_tokens": COUNT,

@@ -300,3 +300,25 @@ def t5_v1_1(out: str, seed: int = 0) -> tuple[str, torch.nn.Module]:
     model = T5ForConditionalGeneration(T5Config.from_pretrained(out)).eval()
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "pytorch_model.bin"))
     return out, model
+
+
+def qwen2_5_vl_72b_config(out: str) -> str:
+    """Qwen2.5-VL-72B-Instruct's config.json at its real size (config only, no weights:
+    for memory estimates, which count parameters on the meta device)."""
+    ids = {t: 151643 + i for i, t in enumerate(QWEN_SPECIALS)}
+    os.makedirs(out, exist_ok=True)
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        **_text_fields(ids, 152064, 8192, 80, 64, 8, mrope=[16, 24, 24], tied=False, max_pos=128000),
+        "intermediate_size": 29568,
+        "torch_dtype": "bfloat16",
+        "vision_config": {
+            "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3456,
+            "num_heads": 16, "in_chans": 3, "out_hidden_size": 8192, "patch_size": 14,
+            "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
+        },
+    }
+    _write_json(os.path.join(out, "config.json"), config)
+    return out

@@ -225,3 +225,26 @@ def test_processor_of_an_unknown_model_type_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(PipelineError, match="bert"):
         load_processor(str(tmp_path))
+
+
+def test_memory_estimate_counts_the_checkpoints_parameters(gme):
+    from model.memory import parameter_count, weights_bytes
+
+    path, reference = gme
+    n = sum(p.numel() for p in reference.parameters())
+    assert parameter_count(path) == n
+    assert weights_bytes(path, "bfloat16") == 2 * n
+
+
+def test_the_72b_describer_is_refused_on_one_gpu_before_loading(tmp_path):
+    """~73B parameters, ~136 GiB in bfloat16: one 80 GiB GPU cannot hold it, two can."""
+    from model.errors import PipelineError
+    from model.memory import GIB, check_fits, weights_bytes
+
+    path = ck.qwen2_5_vl_72b_config(str(tmp_path / "Qwen2.5-VL-72B-Instruct"))
+    need = weights_bytes(path, "bfloat16")
+    assert 72e9 < need / 2 < 74e9
+    with pytest.raises(PipelineError, match=r"needs 13\d\.\d GiB .* at least 2 such GPUs"):
+        check_fits("models.describer", need, 1, 80, "shard it")
+    check_fits("models.describer", need, 2, 80, "shard it")
+    assert need / GIB > 80
