@@ -62,6 +62,11 @@ def run_command(args: argparse.Namespace) -> None:
 
         print(render(plan(cfg, args.images, args.queries, args.triplets), args.gpus))
         return
+    if args.stage == "preflight":  # reads, writes one probe file and removes it: no lock
+        from pipelines import preflight
+
+        preflight.run(RunContext.create(cfg))
+        return
     run_id = cfg.rank.run_id or new_run_id()
     if args.dry_run:  # writes nothing: no lock
         if args.stage in ("nightly", "demo", "benchmark"):
@@ -85,7 +90,10 @@ def run_writer(args: argparse.Namespace, cfg, run_id: str) -> None:
         from pipelines.synthetic import build_demo_models
 
         if args.stage == "demo":
+            from pipelines import preflight
+
             build_demo_models(cfg)
+            preflight.run(RunContext.create(cfg, run_id))
         state = nightly.run(cfg)
         if args.stage == "demo":
             from pipelines import benchmark

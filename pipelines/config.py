@@ -211,6 +211,8 @@ RULES: dict[str, Rule] = {
     "models.embedder.dim": POSITIVE,
     "models.embedder.max_tokens": COUNT,
     "models.captioner.image_pixels_per_token": POSITIVE,
+    "preflight.gpu_memory_gib": above(0),
+    "preflight.memory_headroom": at_least(1),
     "models.embedder.position_ids": one_of("sequential", "mrope"),
     "models.embedder.pre_resize_factor": POSITIVE,
     "models.embedder.pre_resize_min_pixels": POSITIVE,

@@ -85,6 +85,8 @@ COMMANDS = {
     "evaluate": "metrics (and test-server files) of a rankings file on CIRR, FashionIQ or CIRCO",
     "benchmark": "a benchmark end to end (conf/eval/*.yaml): its images through the stages, every rank mode, "
     "metrics",
+    "preflight": "before any GPU-hour: models' configs, processors and tokenizers (no weights), dims, memory "
+    "per actor, the store, the cluster; one OK/PROBLEM table, non-zero exit on a problem",
     "plan": "GPU-hours and wall time of each GPU stage for a catalogue size (--images, --queries, --gpus), "
     "from the per-GPU rates of conf plan",
 }
