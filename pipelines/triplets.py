@@ -3,9 +3,9 @@
 Incremental like the data stages: a triplet whose images' bytes, texts, condition text
 and embedder are unchanged is skipped before any model runs.
 """
-from model.mllm import embedder_id
 from __future__ import annotations
 
+from model.mllm import embedder_id
 from model.text_encoder import text_encoder_name
 from ops.schemas import triplet_embeddings_schema
 from ops.triplets import TRIPLET_COLUMNS, TripletEmbedOp, hash_triplets, staged_schema
