@@ -15,6 +15,12 @@ IMAGES = pa.schema([
     # The manifest's own caption (alt-text), when it has one: the mixed-length
     # strategy's short caption (fusion-diff section 6.1).
     pa.field("source_caption", pa.string()),
+    # What the store said of the file when its bytes were read: "etag:<ETag>" (from the
+    # manifest's etag column) or "size:<bytes>;mtime_ns:<ns>" (a stat / HEAD). A night
+    # that finds the same stamp for the same uri skips the image without reading it.
+    # Null: the store gave neither, so the image is hashed every night. Last, so that a
+    # lake written before it existed gains it as an all-null column (Lake.add_missing_columns).
+    pa.field("stamp", pa.string()),
 ])
 
 CAPTIONS = pa.schema([

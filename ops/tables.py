@@ -30,13 +30,15 @@ CHANGE = "change"  # the column classify_changes adds: new, changed, unchanged o
 
 def classify_changes(batch: pa.Table, tables: TableReader, table: str, compare: dict[str, str],
                      constants: dict[str, str] | None = None, where: str | None = None,
-                     key: str = "image_id") -> pa.Table:
+                     key: str = "image_id", unknown_if_null: Sequence[str] = ()) -> pa.Table:
     """`batch` with a `change` column: `new` (a key `table` lacks), `changed` (held with
     other values), `unchanged`, or `rejected` (the row carries a reject_reason).
 
     `compare` maps a table column to the batch column it must equal; `constants` a table
-    column to the value it must have (the model that wrote it). One keyed lookup per batch,
-    so nothing of the table is collected anywhere.
+    column to the value it must have (the model that wrote it). A null in one of the batch
+    columns `unknown_if_null` proves nothing (a file the store gave no stamp for): the row
+    counts as changed. One keyed lookup per batch, so nothing of the table is collected
+    anywhere.
     """
     ids = batch.column(key).to_pylist()
     existing = tables.lookup(
@@ -48,6 +50,9 @@ def classify_changes(batch: pa.Table, tables: TableReader, table: str, compare: 
         if "reject_reason" in batch.schema.names
         else [None] * len(ids)
     )
+    nullable = [batch.column(c).to_pylist() for c in unknown_if_null]
+    unknown = [any(v is None for v in vals) for vals in zip(*nullable)]
+    unknown = unknown or [False] * len(ids)
     kinds = []
     for n, row_key in enumerate(ids):
         row = existing.get(row_key)
@@ -55,6 +60,8 @@ def classify_changes(batch: pa.Table, tables: TableReader, table: str, compare: 
             kinds.append("rejected")
         elif row is None:
             kinds.append("new")
+        elif unknown[n]:
+            kinds.append("changed")
         elif all(row[t] == batch_cols[b][n] for t, b in compare.items()) and all(
             row[t] == v for t, v in (constants or {}).items()
         ):
@@ -72,10 +79,11 @@ def keep_changed(
     constants: dict[str, str] | None = None,
     where: str | None = None,
     key: str = "image_id",
+    unknown_if_null: Sequence[str] = (),
 ) -> pa.Table:
     """Rows of `batch` that `table` lacks or holds with other values (classify_changes);
     rows to reject always pass, so that the stage records them."""
-    classified = classify_changes(batch, tables, table, compare, constants, where, key)
+    classified = classify_changes(batch, tables, table, compare, constants, where, key, unknown_if_null)
     keep = np.array([k != "unchanged" for k in classified.column(CHANGE).to_pylist()], dtype=bool)
     return batch.filter(pa.array(keep))
 

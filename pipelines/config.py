@@ -292,6 +292,7 @@ RULES: dict[str, Rule] = {
     "*.commit_every": COUNT,
     "ingest.max_delete_fraction": PROBABILITY,
     "ingest.delete_batch_size": POSITIVE,
+    "ingest.stat_threads": POSITIVE,
     "compact.target_rows_per_fragment": POSITIVE,
     "compact.keep_versions_days": COUNT,
     "report.num_queries": POSITIVE,

@@ -59,6 +59,21 @@ class Lake:
         except (FileNotFoundError, OSError):
             pass
 
+    def add_missing_columns(self, table: str, schema: pa.Schema) -> list[str]:
+        """Migrates a table written by an older version: the nullable columns `schema` ends
+        with and the table lacks are added, all null, in one metadata-only commit. The
+        names added ([] when none, or no table). Anything else that differs is left for
+        `_upsert` to refuse."""
+        ds = self.open(table)
+        if ds is None:
+            return []
+        have = ds.schema.names
+        missing = [f for f in schema if f.name not in have]
+        if not missing or not all(f.nullable for f in missing) or have != schema.names[:len(have)]:
+            return []
+        ds.add_columns(missing)
+        return [f.name for f in missing]
+
     def count(self, table: str, filter: str | None = None) -> int:
         ds = self.open(table)
         return 0 if ds is None else ds.count_rows(filter=filter)
@@ -123,12 +138,15 @@ def lookup(
     key: str = "image_id",
     where: str | None = None,
 ) -> dict[str, dict]:
-    """Rows of `ds` whose key is in `ids`, as key -> row; one scan with a pushed-down filter."""
+    """Rows of `ds` whose key is in `ids`, as key -> row; one scan with a pushed-down filter.
+    A column the table lacks (written before the column existed) reads as null."""
     if ds is None or len(ids) == 0:
         return {}
     flt = sql_in(key, ids) + (f" AND {where}" if where else "")
-    table = ds.to_table(columns=list(dict.fromkeys([key, *columns])), filter=flt)
-    return {r[key]: r for r in table.to_pylist()}
+    wanted = list(dict.fromkeys([key, *columns]))
+    table = ds.to_table(columns=[c for c in wanted if c in ds.schema.names], filter=flt)
+    absent = {c: None for c in wanted if c not in ds.schema.names}
+    return {r[key]: {**r, **absent} for r in table.to_pylist()}
 
 
 def check_vector_dim(ds: lance.LanceDataset, expected: int, table: str, column: str = "vector") -> None:
@@ -263,6 +281,8 @@ def _upsert(
         )
         ds = lake.open(table)
     else:
+        if lake.add_missing_columns(table, schema):
+            ds = lake.open(table)
         if ds.schema.remove_metadata() != schema.remove_metadata():
             raise TableError(f"table {lake.uri(table)} has schema {ds.schema} but this stage writes {schema}")
         (ds.merge_insert(list(keys)).when_matched_update_all().when_not_matched_insert_all().execute(source))
