@@ -21,8 +21,10 @@ def test_stages_round_trip_through_s3(tmp_path, tiny_models, ray_local, s3_serve
     opts = lance_storage_options(dict(cfg.storage.s3))
     emb = lance.dataset("s3://lake/tables/embeddings.lance", storage_options=opts).to_table()
     assert emb.num_rows == 12
-    assert all(u.startswith("s3://lake/catalogue/images/")
-               for u in lance.dataset("s3://lake/tables/images.lance", storage_options=opts).to_table()["uri"].to_pylist())
+    images = lance.dataset("s3://lake/tables/images.lance", storage_options=opts).to_table()
+    assert all(u.startswith("s3://lake/catalogue/images/") for u in images["uri"].to_pylist())
+    # a HEAD gives size and LastModified: the next night reads no object
+    assert all(s.startswith("size:") and ";mtime_ns:" in s for s in images["stamp"].to_pylist())
     # the staging area is emptied after each commit
     fs, staging = filesystem("s3://lake/tables/_staging", s3)
     assert all(info.type.name == "NotFound" or info.size == 0
