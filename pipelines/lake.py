@@ -266,15 +266,21 @@ def _upsert(
     lake: Lake, table: str, keys: Sequence[str], schema: pa.Schema, reader: pa.RecordBatchReader
 ) -> int:
     reader = _dedupe_keys(reader.cast(schema), keys)
+    first = next((b for b in reader if b.num_rows), None)
+    ds = lake.open(table)
+    if first is None and ds is not None:
+        return 0  # no empty commit: a table's version moves only when its rows do
     counter = {"n": 0}
 
     def counted():
+        for b in ([first] if first is not None else []):
+            counter["n"] += b.num_rows
+            yield b
         for b in reader:
             counter["n"] += b.num_rows
             yield b
 
     source = pa.RecordBatchReader.from_batches(schema, counted())
-    ds = lake.open(table)
     if ds is None:
         lance.write_dataset(
             source, lake.uri(table), schema=schema, mode="create", storage_options=lake.storage_options

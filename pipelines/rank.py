@@ -14,6 +14,11 @@ Read top to bottom, `run` does three things:
    complete or not at all), and the Lance table `rankings` merged in one commit that
    also deletes the run's rows the new ranking lacks. A crashed run leaves no partial
    partition; rerunning a run_id replaces its rows.
+
+Between 1 and 2: when everything a ranking depends on (the queries and their keys, the
+embeddings and query_vectors table versions, the settings) is what the last published
+run had (rankings/_latest.json), step 2 is skipped and that run's rows are published
+under the new run_id (rank.reuse_unchanged).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from model.mllm import embedder_id
 from model.text_encoder import text_encoder_dim
 from ops.rank import RESULT_SCHEMA, GallerySearch, QueryOp, RankError, file_digest, needs, resolve
 from ops.schemas import GALLERY, RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
-from ops.storage import filesystem, is_s3, read_json
+from ops.storage import filesystem, is_s3, read_json, write_bytes
 from pipelines.common import (
     StageOutput,
     duplicate_ids,
@@ -46,6 +51,8 @@ from pipelines.context import RunContext, Summary
 from pipelines.lake import Lake, TableError, has_vector_index, sql_in
 
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
+# rank settings that say which run it is, or what to keep, not what a ranking is.
+NOT_SHAPING_RANKINGS = ("run_id", "reuse_unchanged", "keep_runs")
 
 
 def run(ctx: RunContext) -> Summary:
@@ -76,15 +83,6 @@ def run(ctx: RunContext) -> Summary:
     query_vectors(ctx, summary, resolved, checkpoints)
     if ctx.dry_run:
         return summary
-    staged = search(ctx, resolved, search_kind)
-    summary.extra["rows"] = 0 if staged is None else staged.count_rows()
-    if summary.extra["rows"] == 0:
-        lake.clear_staging("rank_results")
-        raise RankError(
-            f"no query could be ranked ({summary.rejected} rejected: see the rejects table); "
-            f"nothing was written for run {ctx.run_id}"
-        )
-    summary.written = len(set(staged.to_table(columns=["query_id"]).column("query_id").to_pylist()))
     run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     provenance = {
         "run_id": ctx.run_id,
@@ -96,12 +94,34 @@ def run(ctx: RunContext) -> Summary:
         "config_hash": _digest(
             {
                 **versions,
-                "rank": {k: x for k, x in ctx.conf["rank"].items() if k != "run_id"},
+                "rank": {k: x for k, x in ctx.conf["rank"].items() if k not in NOT_SHAPING_RANKINGS},
                 "index": ctx.conf["index"] if search_kind == "ann" else None,
             }
         ),
     }
+    inputs = _digest({"config": provenance["config_hash"], "queries": queries_fingerprint(resolved),
+                      **{t: (lake.open(t).version if lake.open(t) else None)
+                         for t in ("embeddings", "query_vectors")}})
+    last = read_json(latest_run_uri(lake), lake.s3)
+    if cfg.rank.reuse_unchanged and unchanged_since(lake, last, inputs, ctx.run_id):
+        # Nothing a ranking depends on moved: the last run's rows stand, relabelled.
+        staged = lake.open("rankings").scanner(columns=RESULT_SCHEMA.names,
+                                               filter=f"run_id = '{last['run_id']}'")
+        summary.written, summary.extra["rows"] = last["queries"], last["rows"]
+        summary.extra["reused_run"] = last["run_id"]
+    else:
+        staged = search(ctx, resolved, search_kind)
+        summary.extra["rows"] = 0 if staged is None else staged.count_rows()
+        if summary.extra["rows"] == 0:
+            lake.clear_staging("rank_results")
+            raise RankError(
+                f"no query could be ranked ({summary.rejected} rejected: see the rejects table); "
+                f"nothing was written for run {ctx.run_id}"
+            )
+        summary.written = len(set(staged.to_table(columns=["query_id"]).column("query_id").to_pylist()))
     summary.note = f"run {ctx.run_id}; " + publish(lake, staged, provenance)
+    latest = {"run_id": ctx.run_id, "inputs": inputs, "queries": summary.written, "rows": summary.extra["rows"]}
+    write_bytes(latest_run_uri(lake), json.dumps(latest).encode(), lake.s3)
     expired = expire_runs(lake, cfg.rank.keep_runs)
     if expired:
         summary.extra["runs_expired"] = len(expired)
@@ -230,6 +250,32 @@ def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lan
     )
     write_staging(results, ctx.lake, "rank_results", RESULT_SCHEMA)
     return ctx.lake.open_staging("rank_results")
+
+
+def queries_fingerprint(resolved: ray.data.Dataset) -> str:
+    """An order-free digest of every resolved query (id, key, reject reason): a query
+    added, removed, re-keyed or newly rejected changes it. One pass over the
+    materialised queries; only a number per block reaches the driver."""
+    def block_sum(batch: pa.Table) -> pa.Table:
+        rows = zip(*(batch.column(c).to_pylist() for c in ("query_id", "query_key", "reject_reason")))
+        total = sum(int.from_bytes(hashlib.sha256(repr(r).encode()).digest()[:8], "big") for r in rows)
+        return pa.table({"sum": [str(total)], "n": [batch.num_rows]})
+
+    parts = resolved.map_batches(block_sum, batch_format="pyarrow").take_all()
+    return f"{sum(int(p['sum']) for p in parts) % 2**64:016x}:{sum(p['n'] for p in parts)}"
+
+
+def latest_run_uri(lake: Lake) -> str:
+    """What the last published run was made from (rank.reuse_unchanged)."""
+    return f"{lake.root}/rankings/_latest.json"
+
+
+def unchanged_since(lake: Lake, last: dict | None, inputs: str, run_id: str) -> bool:
+    """Whether the last published run had these inputs, and its rows are still there."""
+    if not last or last.get("inputs") != inputs or last.get("run_id") == run_id:
+        return False
+    table = lake.open("rankings")
+    return table is not None and table.count_rows(filter=f"run_id = '{last['run_id']}'") == last.get("rows")
 
 
 def _digest(obj) -> str:

@@ -196,6 +196,26 @@ def test_rank_on_s3_is_idempotent_and_records_rejects(s3_lake, tiny_models):
     with fs.open_input_file(files[0]) as f:
         assert pq.read_table(f).num_rows == 30
 
+    # A new run on unchanged inputs searches nothing: r1's rows stand under r2's id,
+    # equal to what a search gives (r3, rank.reuse_unchanged=false).
+    cols = ["query_id", "rank", "image_id", "score", "description", "config_hash"]
+
+    def ranked(run_id):
+        return lake.open("rankings").to_table(columns=cols, filter=f"run_id = '{run_id}'").sort_by(
+            [("query_id", "ascending"), ("rank", "ascending")])
+
+    r2 = run_stage(tiny_config(run_dir, tiny_models, *extra, "rank.run_id=r2", "rank.top_k=5"), "rank")
+    assert (r2.reused_run, r2.written, r2.rows) == ("r1", 6, 30)
+    r3 = run_stage(tiny_config(run_dir, tiny_models, *extra, "rank.run_id=r3", "rank.top_k=5",
+                               "rank.reuse_unchanged=false"), "rank")
+    assert r3.extra.get("reused_run") is None and r3.rows == 30
+    assert ranked("r2").equals(ranked("r1")) and ranked("r3").equals(ranked("r1"))
+    files = [i.path for i in fs.get_file_info(FileSelector(path, recursive=True)) if i.path.endswith(".parquet")]
+    assert sorted(f.rsplit("/", 1)[1] for f in files) == ["r1.parquet", "r2.parquet", "r3.parquet"]
+    # Another setting is another input: searched again.
+    r4 = run_stage(tiny_config(run_dir, tiny_models, *extra, "rank.run_id=r4", "rank.top_k=4"), "rank")
+    assert r4.extra.get("reused_run") is None and r4.rows == 24
+
 
 def test_rank_refusals(s3_lake, tiny_models, tmp_path):
     from ops.rank import RankError
