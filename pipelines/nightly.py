@@ -3,9 +3,10 @@
 Each stage is incremental on its own (unchanged images run no model; cached query
 vectors are reused; a rank whose inputs are the last run's searches nothing and
 republishes that run's rows: rank.reuse_unchanged), so a nightly run on an unchanged
-catalogue is cheap and writes the same rankings under a new run_id. The run's state (its run_id, the stages done and
-their summaries) is kept at <storage.root>/_nightly/state.json: a run killed in the
-middle is resumed by the next invocation at the stage it was in, with the same run_id.
+catalogue is cheap and writes the same rankings under a new run_id. The run's state
+(its run_id, the stages done and their summaries) is kept at
+<storage.root>/_nightly/state.json: a run killed in the middle is resumed by the next
+invocation at the stage it was in, with the same run_id.
 """
 from __future__ import annotations
 

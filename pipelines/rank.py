@@ -120,7 +120,8 @@ def run(ctx: RunContext) -> Summary:
             )
         summary.written = len(set(staged.to_table(columns=["query_id"]).column("query_id").to_pylist()))
     summary.note = f"run {ctx.run_id}; " + publish(lake, staged, provenance)
-    latest = {"run_id": ctx.run_id, "inputs": inputs, "queries": summary.written, "rows": summary.extra["rows"]}
+    latest = {"run_id": ctx.run_id, "inputs": inputs, "queries": summary.written,
+              "rows": summary.extra["rows"]}
     write_bytes(latest_run_uri(lake), json.dumps(latest).encode(), lake.s3)
     expired = expire_runs(lake, cfg.rank.keep_runs)
     if expired:
