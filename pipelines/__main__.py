@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--split", default="val")
     ev.add_argument("--out", default="metrics.json")
     ev.add_argument("--submission", help="folder for the test server's files")
-    ev.add_argument("--image-root", help="the images' root (default: <annotations>/images)")
+    ev.add_argument("--image-root", help="the images' root (default: the benchmark's official layout: "
+                    "CIRCO's dataset root, else <annotations>/images)")
     pl = parser.add_argument_group("plan")
     pl.add_argument("--images", type=int, help="catalogue images")
     pl.add_argument("--queries", type=int, default=0, help="composed queries ranked per night")

@@ -43,8 +43,8 @@ def run(ctx: RunContext) -> str:
 
     cfg, e = ctx.cfg, ctx.cfg.eval
     t0 = time.monotonic()
-    image_root = e.image_root or f"{e.annotations.rstrip('/')}/images"
-    b = evaluate.load(e.benchmark, e.annotations, e.split, image_root, dict(cfg.storage.s3))
+    b = evaluate.load(e.benchmark, e.annotations, e.split, e.image_root, dict(cfg.storage.s3),
+                      e.fashioniq_captions)
     uris = evaluate.tables(b, e.out_dir, dict(cfg.storage.s3))
     print(f"[benchmark] {e.benchmark} {e.split}: {len(b.queries)} queries, {len(b.gallery)} gallery images")
     stamp = new_run_id()

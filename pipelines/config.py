@@ -300,6 +300,7 @@ RULES: dict[str, Rule] = {
     "report.thumbnail_size": at_least(16),
     "nightly.stages": each_of(*NIGHTLY_STAGES),
     "eval.benchmark": one_of("cirr", "fashioniq", "circo"),
+    "eval.fashioniq_captions": one_of("searle", "pic2word"),
     "eval.modes": each_of(*RANK_MODES),
 }
 

@@ -6,8 +6,13 @@ Ids: CIRR's query_id is the pairid and its image_id the image name; FashionIQ's
 query_id is `{category}-{index in cap.{category}.{split}.json}` and its image_id the
 ASIN; CIRCO's query_id is the query id and its image_id the COCO image id, as strings.
 
-FashionIQ's two captions are joined as the common zero-shot peers do (Pic2Word,
-SEARLE): "{first, stripped of trailing punctuation} and {second, stripped}".
+FashionIQ's two captions are joined into one modification text as SEARLE's validation
+does: "{first} and {second}", each stripped of the characters ".?, " at both ends, an
+empty caption kept as empty (SEARLE also averages this with the reversed order's
+features; a query here is one text). `eval.fashioniq_captions: pic2word` joins them as
+Pic2Word does instead: "{second} and {first}", unstripped.
+
+The default image root follows each benchmark's official layout (default_image_root).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.errors import PipelineError
-from ops.metrics import MetricsError, map_at, recall_at, recall_subset_at
+from ops.metrics import MetricsError, check_depth, map_at, recall_at, recall_subset_at, subset_ranking
 from ops.storage import filesystem, is_s3, read_bytes, write_bytes
 
 BENCHMARKS = ("cirr", "fashioniq", "circo")
@@ -88,13 +93,19 @@ def load_cirr(root: str, split: str, image_root: str, s3: dict | None = None) ->
     return b
 
 
-def join_fashioniq_captions(captions: list[str]) -> str:
-    parts = [c.strip().strip(".?, ") for c in captions if c and c.strip()]
-    return " and ".join(parts)
+FASHIONIQ_JOINS = ("searle", "pic2word")
+
+
+def join_fashioniq_captions(captions: list[str], style: str = "searle") -> str:
+    first, second = captions
+    if style == "pic2word":
+        return f"{second} and {first}"
+    return f"{first.strip('.?, ')} and {second.strip('.?, ')}"
 
 
 def load_fashioniq(
-    root: str, split: str, image_root: str, s3: dict | None = None, image_ext: str = ".png"
+    root: str, split: str, image_root: str, s3: dict | None = None, image_ext: str = ".png",
+    captions_join: str = "searle",
 ) -> Benchmark:
     b = Benchmark("fashioniq", split)
     seen = set()
@@ -112,6 +123,11 @@ def load_fashioniq(
             qid = f"{cat}-{i}"
             ref = _field(c, "candidate", cap_path, i)
             captions = _field(c, "captions", cap_path, i)
+            if not (isinstance(captions, list) and len(captions) == 2
+                    and all(isinstance(t, str) for t in captions)):
+                raise AnnotationError(
+                    f"{cap_path}: entry {i} has captions {captions!r}; expected two strings"
+                )
             target = c.get("target") if split != "test" else None
             if split != "test" and target is None:
                 raise AnnotationError(f"{cap_path}: entry {i} has no field 'target'")
@@ -119,7 +135,7 @@ def load_fashioniq(
                 {
                     "query_id": qid,
                     "reference_id": ref,
-                    "modification_text": join_fashioniq_captions(captions),
+                    "modification_text": join_fashioniq_captions(captions, captions_join),
                     "shared_concept": cat,
                     "target_id": target,
                 }
@@ -158,16 +174,31 @@ def load_circo(root: str, split: str, image_root: str, s3: dict | None = None) -
                 "target_id": str(gt[0]) if gt else None,
             }
         )
-        b.truth[qid] = {"gt": [str(g) for g in gt] if gt else None}
+        b.truth[qid] = {
+            "gt": [str(g) for g in gt] if gt else None,
+            "reference": b.queries[-1]["reference_id"],
+        }
     return b
 
 
-def load(name: str, root: str, split: str, image_root: str, s3: dict | None = None) -> Benchmark:
+def default_image_root(name: str, root: str) -> str:
+    """The images' root in the benchmark's official layout: CIRCO's COCO2017_unlabeled/
+    sits beside its annotations/ in the dataset root; FashionIQ's and the project's CIRR
+    layout keep the images under <root>/images."""
+    return root if name == "circo" else f"{root.rstrip('/')}/images"
+
+
+def load(name: str, root: str, split: str, image_root: str | None = None, s3: dict | None = None,
+         fashioniq_captions: str = "searle") -> Benchmark:
     if name not in BENCHMARKS:
         raise AnnotationError(f"unknown benchmark {name!r}: expected one of {', '.join(BENCHMARKS)}")
-    return {"cirr": load_cirr, "fashioniq": load_fashioniq, "circo": load_circo}[name](
-        root, split, image_root, s3
-    )
+    if fashioniq_captions not in FASHIONIQ_JOINS:
+        raise AnnotationError(f"unknown FashionIQ caption join {fashioniq_captions!r}: expected one of "
+                              f"{', '.join(FASHIONIQ_JOINS)}")
+    image_root = image_root or default_image_root(name, root)
+    if name == "fashioniq":
+        return load_fashioniq(root, split, image_root, s3, captions_join=fashioniq_captions)
+    return {"cirr": load_cirr, "circo": load_circo}[name](root, split, image_root, s3)
 
 
 def read_rankings(path: str, s3: dict | None = None) -> dict[str, list[str]]:
@@ -195,13 +226,33 @@ def _check_covered(b: Benchmark, rankings: dict) -> None:
         )
 
 
+def candidates(b: Benchmark, q: str) -> list[str]:
+    """The gallery query q is ranked against: FashionIQ's category gallery, else the
+    whole gallery."""
+    t = b.truth[q]
+    return sorted(t["gallery"]) if b.name == "fashioniq" else [g["image_id"] for g in b.gallery]
+
+
+def pools(b: Benchmark) -> dict[str, int]:
+    """How many images each query's full ranking holds: its gallery less its reference
+    (which the rank stage may have removed, exclude_reference), the metrics' depth."""
+    whole = {g["image_id"] for g in b.gallery}
+    out = {}
+    for q, t in b.truth.items():
+        gallery = t["gallery"] if b.name == "fashioniq" else whole
+        out[q] = len(gallery) - (t["reference"] in gallery)
+    return out
+
+
 def evaluate(b: Benchmark, rankings: dict[str, list[str]]) -> dict[str, float]:
-    """The benchmark's metrics (flat, in %), from rankings covering every query."""
+    """The benchmark's metrics (flat, in %), from rankings covering every query, each
+    deep enough for the deepest K (else MetricsError, naming the depth)."""
     _check_covered(b, rankings)
+    pool = pools(b)
     if b.name == "cirr":
         targets = {q: t["target"] for q, t in b.truth.items()}
         refs = {q: t["reference"] for q, t in b.truth.items()}
-        r = recall_at(rankings, targets, (1, 5, 10, 50), exclude=refs)
+        r = recall_at(rankings, targets, (1, 5, 10, 50), pool, exclude=refs)
         rs = recall_subset_at(
             rankings, targets, {q: t["members"] for q, t in b.truth.items()}, refs, (1, 2, 3)
         )
@@ -212,31 +263,38 @@ def evaluate(b: Benchmark, rankings: dict[str, list[str]]) -> dict[str, float]:
             qs = {q: t for q, t in b.truth.items() if t["category"] == cat}
             # Each category is searched over its own gallery only.
             ranked = {q: [i for i in rankings[q] if i in t["gallery"]] for q, t in qs.items()}
-            r = recall_at(ranked, {q: t["target"] for q, t in qs.items()}, (10, 50))
+            r = recall_at(ranked, {q: t["target"] for q, t in qs.items()}, (10, 50), pool)
             out.update({f"{cat}_R@{k}": v for k, v in r.items()})
         for k in (10, 50):
             out[f"avg_R@{k}"] = sum(out[f"{c}_R@{k}"] for c in FASHIONIQ_CATEGORIES) / len(
                 FASHIONIQ_CATEGORIES
             )
         return out
-    m = map_at(rankings, {q: t["gt"] for q, t in b.truth.items()}, (5, 10, 25, 50))
+    m = map_at(rankings, {q: t["gt"] for q, t in b.truth.items()}, (5, 10, 25, 50), pool)
     return {f"mAP@{k}": v for k, v in m.items()}
 
 
 def chance(b: Benchmark, seed: int = 0) -> dict[str, float]:
-    """The metrics of a random ranking of the gallery (the mean of seeded draws, about
-    20,000 query rankings in all), computed by the same metric code as the methods':
-    the chance level beside every table. Galleries over 10,000 images draw only each
-    query's top 60."""
+    """The metrics of a random ranking of each query's gallery (the mean of seeded draws,
+    about 20,000 query rankings in all), computed by the same metric code as the
+    methods': the chance level beside every table. Galleries over 10,000 images draw
+    only each query's top 60 (deeper than any K), with CIRR's img_set members that the
+    draw missed after it in random order: the same distribution as a full shuffle for
+    every metric."""
     import random
 
     rng = random.Random(seed)
     trials = max(1, min(200, 20_000 // max(1, len(b.truth))))
-    ids = [g["image_id"] for g in b.gallery]
-    depth = len(ids) if len(ids) <= 10_000 else min(len(ids), 60)
+    pool = {q: candidates(b, q) for q in b.truth}
     total: dict[str, float] = {}
     for _ in range(trials):
-        ranked = {q: rng.sample(ids, depth) for q in b.truth}
+        ranked = {}
+        for q, ids in pool.items():
+            top = rng.sample(ids, len(ids) if len(ids) <= 10_000 else 60)
+            drawn = set(top)
+            rest = [m for m in b.truth[q].get("members", ()) if m not in drawn]
+            rng.shuffle(rest)
+            ranked[q] = top + rest
         for k, v in evaluate(b, ranked).items():
             total[k] = total.get(k, 0.0) + v / trials
     return total
@@ -248,20 +306,22 @@ def submission(
     """The test server's files: CIRR's recall (top 50) and recall_subset (top 3) JSONs,
     CIRCO's query id -> 50 unique image ids. Returns their paths."""
     _check_covered(b, rankings)
+    pool = pools(b)
     if b.name == "cirr":
         recall = {"version": "rc2", "metric": "recall"}
         subset = {"version": "rc2", "metric": "recall_subset"}
         for q, t in b.truth.items():
             ranked = [i for i in rankings[q] if i != t["reference"]]
+            check_depth("the recall submission's R", q, ranked, 50, pool[q])
             recall[q] = ranked[:50]
-            members = set(t["members"]) - {t["reference"]}
-            subset[q] = [i for i in ranked if i in members][:3]
+            subset[q] = subset_ranking(q, ranked, t["members"], t["reference"])[:3]
         files = {
             f"{out_dir}/recall_submission_cirr.json": recall,
             f"{out_dir}/recall_subset_submission_cirr.json": subset,
         }
     elif b.name == "circo":
-        map_at(rankings, {q: ["_"] for q in b.truth}, (50,))  # refuses duplicates, like the server
+        # Refuses duplicates, like the server, and rankings under 50 deep.
+        map_at(rankings, {q: ["_"] for q in b.truth}, (50,), pool)
         files = {f"{out_dir}/circo_submission.json": {q: rankings[q][:50] for q in b.truth}}
     else:
         raise MetricsError("FashionIQ has no test server: evaluate its val split instead")
@@ -272,12 +332,7 @@ def submission(
 
 def main(args) -> int:
     """The `evaluate` command (arguments parsed by pipelines/__main__.py)."""
-    b = load(
-        args.benchmark,
-        args.annotations,
-        args.split,
-        args.image_root or os.path.join(args.annotations, "images"),
-    )
+    b = load(args.benchmark, args.annotations, args.split, args.image_root)
     rankings = read_rankings(args.rankings)
     if args.submission:
         for path in submission(b, rankings, args.submission):
