@@ -72,7 +72,10 @@ def _with_vllm(ctx: RunContext, todo, processor=None):
     processor on the GPUs (`processor`: vllm_processor(cfg) unless given), then the
     results of each image gathered into its row."""
     cfg = ctx.cfg
-    requests = map_with_model(todo, ctx, CaptionRequestOp, "caption", use_gpus=False)
+    # Not rebatched: the groupby below gathers every result before a row is staged, so
+    # small blocks would not make this path commit sooner, and their repartition tasks,
+    # run once for each of the two branches below, starve for CPUs beside two actor pools.
+    requests = map_with_model(todo, ctx, CaptionRequestOp, "caption", use_gpus=False, rebatch=False)
     ok = requests.filter(lambda r: r["reject_reason"] is None)
     rejected = requests.filter(lambda r: r["reject_reason"] is not None).map(
         lambda r: (

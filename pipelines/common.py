@@ -167,12 +167,24 @@ def any_rows(ds: ray.data.Dataset) -> bool:
     return ds.limit(1).count() > 0
 
 
+def in_batches(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """The dataset in blocks of at most `rows` rows (Ray Data's streaming repartition: no
+    shuffle, nothing materialised). A map's output leaves its worker only once its whole
+    input block is done, and a table is read a fragment's batch at a time (8,192 rows):
+    without this a 5,000-row table is one block, so one actor of the pool works, the
+    others idle, and the staging is committed once at the end however small
+    `commit_every` is, and a kill loses the whole stage."""
+    return ds.repartition(target_num_rows_per_block=rows)
+
+
 def map_with_model(
-    ds: ray.data.Dataset, ctx: RunContext, op, section: str, use_gpus: bool = True, **kwargs
+    ds: ray.data.Dataset, ctx: RunContext, op, section: str, use_gpus: bool = True,
+    rebatch: bool = True, **kwargs
 ) -> ray.data.Dataset:
     """`op(ctx.conf, ctx.lake, **kwargs)` on a pool of `<section>.num_actors` actors, each
     with the section's batch size, CPUs and (unless use_gpus is false) GPUs; refused at
-    once if the cluster lacks them."""
+    once if the cluster lacks them. The input is cut into blocks of a batch first
+    (`in_batches`) unless `rebatch` is false."""
     s = ctx.cfg[section]
     gpus = s.get("num_gpus_per_actor", 0) if use_gpus else 0
     ctx.require(
@@ -181,6 +193,8 @@ def map_with_model(
         gpus,
         f"{section}.num_cpus_per_actor / num_gpus_per_actor",
     )
+    if rebatch:
+        ds = in_batches(ds, s.batch_size)
     return ds.map_batches(
         op,
         fn_constructor_args=(ctx.conf, ctx.lake),

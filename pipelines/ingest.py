@@ -13,8 +13,8 @@ import ray
 from ops.ingest import OUTPUT_SCHEMA, IngestOp, stamp_rows
 from ops.schemas import IMAGES
 from ops.tables import keep_changed
-from pipelines.common import (ManifestError, StageOutput, duplicate_ids, read_manifest, select_work,
-                              stage_and_commit)
+from pipelines.common import (ManifestError, StageOutput, duplicate_ids, in_batches, read_manifest,
+                              select_work, stage_and_commit)
 from pipelines.context import RunContext, Summary
 from pipelines.lake import delete_absent
 
@@ -37,8 +37,9 @@ def run(ctx: RunContext) -> Summary:
     summary.read = manifest.count()
     dups = duplicate_ids(manifest, "image_id", cfg.ingest.duplicate_check_partitions, summary.read,
                          cfg.ingest.duplicate_check_local_max_rows)
-    stamped = manifest.map_batches(stamp_rows, batch_format="pyarrow", batch_size=cfg.ingest.batch_size,
-                                   fn_kwargs=dict(s3=lake.s3, threads=cfg.ingest.stat_threads))
+    stamped = in_batches(manifest, cfg.ingest.batch_size).map_batches(
+        stamp_rows, batch_format="pyarrow", batch_size=cfg.ingest.batch_size,
+        fn_kwargs=dict(s3=lake.s3, threads=cfg.ingest.stat_threads))
     out = StageOutput("ingest", OUTPUT_SCHEMA, "images", ("image_id",), IMAGES)
     if not ctx.dry_run:
         lake.add_missing_columns("images", IMAGES)  # a lake from before stamps: all null, hashed once

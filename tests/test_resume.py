@@ -55,3 +55,32 @@ def test_a_killed_stage_resumes_from_its_last_commit(tmp_path, ray_local):
     assert counts["written"] == ROWS - kept and table.num_rows == ROWS
     assert sorted(table.column("image_id").to_pylist()) == [f"img{i:02d}" for i in range(ROWS)]
     assert ctx.lake.open_staging("ingest") is None
+
+
+class DiesAtRow:
+    """A model op (constructed as map_with_model constructs one) that dies at FAIL_FROM."""
+
+    def __init__(self, conf, lake):
+        pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return made(batch, FAIL_FROM)
+
+
+def test_a_table_read_as_one_block_still_commits_as_it_goes(tmp_path, ray_local):
+    """A Lance table is read a fragment's batch at a time, so a small table is one block;
+    a map's output leaves its worker only when its block is done. map_with_model cuts
+    the input into blocks of the stage's batch size, so the staging is still committed
+    every commit_every rows and the kill keeps them."""
+    from pipelines.common import map_with_model
+
+    cfg = load_config("conf/demo.yaml", [f"run_dir={tmp_path}", f"caption.commit_every={EVERY}",
+                                         "caption.batch_size=2", "caption.num_actors=1"])
+    ctx = RunContext.create(cfg)
+    out = StageOutput("caption", STAGED, "images_test", ("image_id",), SCHEMA)
+    one_block = ray_local.data.from_items([{"image_id": f"img{i:02d}"} for i in range(ROWS)],
+                                          override_num_blocks=1)
+    with pytest.raises(Exception, match="killed"):
+        stage_and_commit(map_with_model(one_block, ctx, DiesAtRow, "caption"), ctx, out)
+    kept = ctx.lake.open_staging("caption").count_rows()
+    assert kept % EVERY == 0 and FAIL_FROM - kept <= EVERY, kept
