@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install browser clean
+.PHONY: demo test test-fast test-drills install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +27,10 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pipelines demo --config conf/demo.yaml
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not drill"
+
+test-drills: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m drill
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m fast

@@ -7,10 +7,12 @@ import sys
 
 import lance
 import numpy as np
+import pytest
 
 from tests.conftest import run_stage, tiny_config, tiny_overrides
 
 
+@pytest.mark.drill
 def test_two_nodes_share_the_work_and_write_the_tables_one_node_writes(tmp_path, tiny_models, ray_local):
     from pipelines.synthetic import synth
 

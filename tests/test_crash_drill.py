@@ -117,6 +117,7 @@ def ray_dirs():
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.drill
 def test_kill_at_a_random_point_of_each_stage_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_models,
                                                                                       ray_dirs, ray_local):
     from pipelines.config import load_config

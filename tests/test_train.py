@@ -186,6 +186,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.drill
 def test_ray_job_submit_runs_stage1(tmp_path, lake_dir, tiny_models):
     """The users' path: a Ray head of its own (temp dir, ports, no token auth), then
     `ray job submit --working-dir .` of the demo's Stage 1; stopped by process id."""
