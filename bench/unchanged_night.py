@@ -9,6 +9,9 @@ and embed find nothing to do exactly as after real runs; 100 queries ranked once
 (`query_only`, exact search). Then the unchanged night, timed per stage in one Ray
 session: ingest (stats only), caption, embed, rank (inputs unchanged: republishes).
 Every stage of the unchanged night must write nothing new, or the script stops.
+Last, a night where 1% of the images left the manifest: ingest alone (it deletes them
+from `images`, `captions` and `embeddings`, one keyed commit a table), timed, and the
+tables' rows checked to have lost exactly those images.
 
     .venv/bin/python bench/unchanged_night.py [--sizes 10000 100000 --queries 100]
 """
@@ -117,7 +120,17 @@ def one_size(n: int, n_queries: int, models: dict) -> dict:
     for stage, r in unchanged.items():
         if r["written"] and stage != "rank" or stage == "rank" and r["reused_run"] != "night0":
             raise SystemExit(f"the unchanged night did work in {stage}: {r}")
-    return {"images": n, "queries": n_queries, "write_files_s": round(files_s, 1),
+    kept = [i for k, i in enumerate(ids) if k % 100]  # 1% leave the catalogue
+    pq.write_table(pa.table({"image_id": kept, "uri": [u for k, u in enumerate(uris) if k % 100]}),
+                   f"{root}/manifest.parquet")
+    t = time.perf_counter()
+    gone = STAGES["ingest"].run(RunContext.create(cfg, "night2"))
+    deletion_s = time.perf_counter() - t
+    rows = {name: lake.open(name).count_rows() for name in ("images", "captions", "embeddings")}
+    if gone.written or rows != {"images": len(kept), "captions": len(kept), "embeddings": 2 * len(kept)}:
+        raise SystemExit(f"the deletion night left {rows} (wrote {gone.written}); expected {len(kept)} images")
+    return {"images": n, "queries": n_queries, "deleted": gone.extra["deleted"],
+            "deletion_ingest_s": round(deletion_s, 2), "write_files_s": round(files_s, 1),
             "first_ingest_s": round(first_ingest_s, 1), "first_ingest_written": first_ingest.written,
             "first_rank_s": round(first_rank_s, 1), "unchanged_night": unchanged,
             "unchanged_total_s": round(sum(r["s"] for r in unchanged.values()), 1)}
@@ -139,12 +152,14 @@ def main() -> None:
     for n in args.sizes:
         results.append(one_size(n, args.queries, models))
         print(json.dumps(results[-1]), flush=True)
-    print("\n| images | first ingest (reads all) | unchanged: ingest | caption | embed | rank | total |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| images | first ingest (reads all) | unchanged: ingest | caption | embed | rank | total "
+          "| 1% deleted: ingest |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         u = r["unchanged_night"]
         print(f"| {r['images']:,} | {r['first_ingest_s']} s | {u['ingest']['s']} s | {u['caption']['s']} s | "
-              f"{u['embed']['s']} s | {u['rank']['s']} s | {r['unchanged_total_s']} s |")
+              f"{u['embed']['s']} s | {u['rank']['s']} s | {r['unchanged_total_s']} s | "
+              f"{r['deletion_ingest_s']} s ({r['deleted']:,} images) |")
 
 
 if __name__ == "__main__":
