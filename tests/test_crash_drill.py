@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 
 import lance
 import numpy as np
-import psutil
 import pytest
 
+from bench.resume_cost import kill_all
 from tests.conftest import tiny_overrides
 
 STAGES = ("ingest", "caption", "embed", "rank")
@@ -54,27 +53,12 @@ def _start(cmd, ray_tmp):
                             start_new_session=True)
 
 
-def _kill_everything_of(proc, ray_tmp):
-    """SIGKILL the command's process group, then any Ray process of its temp dir."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(ray_tmp) in part for part in (p.info["cmdline"] or [])):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-
-
 def _run(cmd, ray_tmp) -> float:
     started = time.monotonic()
     proc = _start(cmd, ray_tmp)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    _kill_everything_of(proc, ray_tmp)
+    kill_all(proc, ray_tmp)
     return time.monotonic() - started
 
 
@@ -138,7 +122,7 @@ def test_kill_at_a_random_point_of_each_stage_then_rerun_equals_an_uninterrupted
         delay = rng.uniform(0.3, 0.95) * (STARTUP_S + durations[stage])
         time.sleep(delay)
         finished = proc.poll() is not None
-        _kill_everything_of(proc, ray_dirs["drill"])
+        kill_all(proc, ray_dirs["drill"])
         kills.append((stage, round(delay, 1), "finished first" if finished else "killed"))
         _run(cmd, ray_dirs["drill"])  # the rerun after the crash
     print(f"[drill] seed {seed}: " + ", ".join(f"{s} at {d}s ({what})" for s, d, what in kills))
