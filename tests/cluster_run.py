@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 
 def main(overrides: list[str]) -> None:
@@ -29,12 +28,10 @@ def main(overrides: list[str]) -> None:
     try:
         cfg = load_config("conf/demo.yaml", [*overrides, f"ray.address={cluster.address}"])
         nodes = {n["NodeID"]: ("head" if "node_head" in n["Resources"] else "worker") for n in ray.nodes()}
-        out = {"nodes": sorted(nodes.values()), "stages": {}, "seconds": {}}
+        out = {"nodes": sorted(nodes.values()), "stages": {}}
         for stage in ("ingest", "caption", "embed"):
-            start = time.perf_counter()
             s = STAGES[stage].run(RunContext.create(cfg))
             out["stages"][stage] = {"written": s.written, "rejected": s.rejected}
-            out["seconds"][stage] = round(time.perf_counter() - start, 1)
         ran_on: dict[str, set] = {}
         for a in list_actors(detail=True, limit=1000, raise_on_missing_output=False):
             # An actor that never got a node (a pool scaled up, then the work ran out) has none.
