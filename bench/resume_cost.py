@@ -84,16 +84,17 @@ def one_size(n: int, every: int, kill_at: float, overrides: list[str]) -> list[d
     uris = write_images(f"{root}/images", n)
     pq.write_table(pa.table({"image_id": [f"img{i:07d}" for i in range(n)], "uri": uris}),
                    f"{root}/manifest.parquet")
-    cmd = [sys.executable, "-m", "pipelines", "STAGE", "--config", "conf/demo.yaml", f"run_dir={root}",
-           f"catalogue.manifest={root}/manifest.parquet", "ray.progress_bars=false", *overrides]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp)
     from pipelines.config import load_config
 
-    staging_root = load_config("conf/demo.yaml", cmd[6:]).storage.staging
+    settings = [f"run_dir={root}", f"catalogue.manifest={root}/manifest.parquet", "ray.progress_bars=false",
+                *overrides]
+    storage = load_config("conf/demo.yaml", settings).storage
+    cmd = [sys.executable, "-m", "pipelines", "STAGE", "--config", "conf/demo.yaml", *settings]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp)
     rows = []
     for stage in STAGES:
         args = [stage if a == "STAGE" else a for a in cmd] + [f"{stage}.commit_every={every}"]
-        staging = f"{staging_root}/{stage}.lance"
+        staging = f"{storage.staging}/{stage}.lance"
         t = time.perf_counter()
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
@@ -119,7 +120,7 @@ def one_size(n: int, every: int, kill_at: float, overrides: list[str]) -> list[d
                      "redone": processed + math.ceil(s["resumed"] / TABLES[stage][1]) - n,
                      "killed_after_s": round(killed_s, 1), "rerun_s": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
-        table = lance.dataset(f"{root}/lake/{TABLES[stage][0]}.lance").count_rows()
+        table = lance.dataset(f"{storage.root}/{TABLES[stage][0]}.lance").count_rows()
         if s["resumed"] < seen or processed + s["skipped"] != n or table != n * TABLES[stage][1]:
             raise SystemExit(f"{stage}: rows lost or duplicated: {rows[-1]}, {table} rows in the table "
                              f"({s['line']})")
