@@ -398,6 +398,45 @@ class FusedEmbedder:
         side: str = "candidate",
     ) -> torch.Tensor:
         """(B, d_VL) float32 unit vectors, on the CPU; `side` picks the instruction."""
+        images, texts, encode = self._inputs(images, texts, side)
+        n = len(images)
+        bounds = np.linspace(0, n, min(self.overlap_parts, n) + 1).round().astype(int).tolist()
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        if len(parts) == 1:
+            return self._unit_vectors(encode(list(range(n)))).cpu()
+        # Parts are cut from the batch in order of length (pixels, then text), so that
+        # each pads its rows to a similar length; the vectors go back to input order.
+        order = sorted(
+            range(n),
+            key=lambda i: (
+                0 if images[i] is None else images[i].width * images[i].height,
+                len(texts[i] or ""),
+            ),
+        )
+        out = []
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+            upcoming = prefetch.submit(encode, order[parts[0][0]:parts[0][1]])
+            for i in range(len(parts)):
+                batch = upcoming.result()
+                if i + 1 < len(parts):
+                    upcoming = prefetch.submit(encode, order[parts[i + 1][0]:parts[i + 1][1]])
+                out.append(self._unit_vectors(batch).cpu())  # waits on the GPU with the GIL released
+        vectors = torch.empty(n, out[0].shape[1])
+        vectors[torch.tensor(order)] = torch.cat(out)
+        return vectors
+
+    def trainable_vectors(
+        self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None,
+        side: str = "candidate",
+    ) -> torch.Tensor:
+        """`embed`'s vectors with autograd on, left on the model's device: what
+        fine-tuning (model/contrastive.py) differentiates. Same inputs, same vectors."""
+        images, _, encode = self._inputs(images, texts, side)
+        return self._unit_vectors(encode(list(range(len(images)))))
+
+    def _inputs(self, images, texts, side: str):
+        """(images, texts, encode): the checked items, and a function from a list of item
+        indices to the model inputs of those items."""
         if side not in SIDES:
             raise ValueError(f"embed side={side!r}: expected one of {', '.join(SIDES)}")
         n = len(images) if images is not None else len(texts)
@@ -417,41 +456,16 @@ class FusedEmbedder:
             for im, t in zip(images, texts)
         ]
 
-        def encode(lo: int, hi: int) -> dict:
-            present = [im for im in images[lo:hi] if im is not None]
+        def encode(rows: list[int]) -> dict:
+            present = [images[i] for i in rows if images[i] is not None]
             return self.mllm.encode(
-                conversations[lo:hi], present, add_generation_prompt=True, suffix=self.end_token,
+                [conversations[i] for i in rows], present, add_generation_prompt=True, suffix=self.end_token,
                 max_length=self.max_tokens,
             )
 
-        bounds = np.linspace(0, n, min(self.overlap_parts, n) + 1).round().astype(int).tolist()
-        parts = list(zip(bounds[:-1], bounds[1:]))
-        if len(parts) == 1:
-            return self._last_state(encode(0, n))
-        # Parts are cut from the batch in order of length (pixels, then text), so that
-        # each pads its rows to a similar length; the vectors go back to input order.
-        order = sorted(
-            range(n),
-            key=lambda i: (
-                0 if images[i] is None else images[i].width * images[i].height,
-                len(texts[i] or ""),
-            ),
-        )
-        images, texts = [images[i] for i in order], [texts[i] for i in order]
-        conversations = [conversations[i] for i in order]
-        out = []
-        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
-            upcoming = prefetch.submit(encode, *parts[0])
-            for i in range(len(parts)):
-                batch = upcoming.result()
-                if i + 1 < len(parts):
-                    upcoming = prefetch.submit(encode, *parts[i + 1])
-                out.append(self._last_state(batch))  # waits on the GPU with the GIL released
-        vectors = torch.empty(n, out[0].shape[1])
-        vectors[torch.tensor(order)] = torch.cat(out)
-        return vectors
+        return images, texts, encode
 
-    def _last_state(self, batch: dict) -> torch.Tensor:
+    def _unit_vectors(self, batch: dict) -> torch.Tensor:
         # The base model (no LM head): its last_hidden_state is the final-norm output GME
         # reads, without the vocabulary projection of every position (151k x d_VL a
         # token, ~6% of the work) or every layer's states.
@@ -460,7 +474,7 @@ class FusedEmbedder:
             positions = torch.arange(length, device=batch["input_ids"].device)
             batch = {**batch, "position_ids": positions.view(1, 1, -1).expand(3, rows, length)}
         out = self.mllm.model.base_model(**batch, use_cache=False)
-        return F.normalize(out.last_hidden_state[:, -1, :].float(), dim=-1).cpu()
+        return F.normalize(out.last_hidden_state[:, -1, :].float(), dim=-1)
 
 
 # The embedder settings a vector depends on besides the weights (`embedder_id`).
@@ -471,12 +485,23 @@ VECTOR_SETTINGS = (
 )
 
 
+# Written by `finetune_embedder` beside the embedder it exports: which run and step made
+# the weights. A new fine-tuning run at the same path changes it, and so the embedder's id.
+FINETUNE_FILE = "finetune.json"
+
+
 def embedder_id(m: dict) -> str:
     """What the `model` column of a vector names: the checkpoint and a digest of the
-    settings that change its vectors, so that changing an instruction or the pixel
-    budget re-embeds (the incremental stages compare this string)."""
+    settings that change its vectors (and of the folder's FINETUNE_FILE when it has
+    one), so that changing an instruction, the pixel budget or the fine-tuned weights
+    re-embeds (the incremental stages compare this string)."""
     import hashlib
     import json
+    import os
 
     settings = json.dumps({k: m[k] for k in VECTOR_SETTINGS}, sort_keys=True)
+    made_by = os.path.join(m["name_or_path"], FINETUNE_FILE)
+    if os.path.isfile(made_by):
+        with open(made_by) as f:
+            settings += f.read()
     return f"{m['name_or_path']}#{hashlib.sha256(settings.encode()).hexdigest()[:12]}"

@@ -270,6 +270,21 @@ RULES: dict[str, Rule] = {
     "train_stage*.max_steps": COUNT,
     "train_stage*.ema_decay": below_one(),
     "train_stage2.condition_text": one_of("instruction", "description"),
+    "finetune_embedder.dtype": one_of("float32", "bfloat16"),
+    "finetune_embedder.caption_column": one_of("caption_long", "caption_short"),
+    "finetune_embedder.temperature": above(0),
+    "finetune_embedder.weight_*": at_least(0),
+    "finetune_embedder.lora_rank": COUNT,
+    "finetune_embedder.lora_alpha": above(0),
+    "finetune_embedder.lr": above(0),
+    "finetune_embedder.weight_decay": at_least(0),
+    "finetune_embedder.adam_eps": above(0),
+    "finetune_embedder.grad_clip": above(0),
+    "finetune_embedder.warmup_steps": COUNT,
+    "finetune_embedder.lr_schedule": one_of("cosine", "constant"),
+    "finetune_embedder.batch_size": POSITIVE,
+    "finetune_embedder.epochs": POSITIVE,
+    "finetune_embedder.max_steps": COUNT,
     "index.kind": one_of("IVF_PQ", "IVF_HNSW_SQ"),
     "index.num_partitions": COUNT,
     "index.num_sub_vectors": COUNT,
@@ -328,7 +343,7 @@ def _matching(cfg, pattern: str):
 def _cross_rules(cfg) -> list[tuple[str, object, str]]:
     """(key, value, what is allowed) of each broken rule that ties keys together."""
     broken = []
-    for stage in ("train_stage1", "train_stage2"):
+    for stage in ("train_stage1", "train_stage2", "finetune_embedder"):
         b, w = cfg[stage].batch_size, cfg.train.num_workers
         if b % w:
             broken.append((f"{stage}.batch_size", b, f"a multiple of train.num_workers={w}"))
@@ -347,6 +362,13 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
         broken.append(("caption.vllm.max_model_len", v.max_model_len,
                        f">= {need} (the largest image's tokens, models.captioner.image_max_pixels / "
                        f"image_pixels_per_token, plus caption.max_new_tokens_long)"))
+    f = cfg.finetune_embedder
+    if f.weight_text_to_image == 0 and f.weight_target_text == 0:
+        broken.append(("finetune_embedder.weight_target_text", 0,
+                       "> 0 when finetune_embedder.weight_text_to_image is 0 (one task at least)"))
+    if str(f.output).startswith("s3://"):
+        broken.append(("finetune_embedder.output", f.output,
+                       "a filesystem path (embed loads it with from_pretrained, which reads folders)"))
     e = cfg.models.embedder
     if e.pre_resize_max_pixels < e.pre_resize_min_pixels:
         broken.append(("models.embedder.pre_resize_max_pixels", e.pre_resize_max_pixels,

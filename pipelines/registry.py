@@ -40,6 +40,11 @@ STAGES: dict[str, Stage] = {
         Stage(
             "caption", "images -> captions table (only images without a caption for their bytes)", "caption"
         ),
+        Stage(
+            "finetune_embedder",
+            "Ray Train: MVFT-JI's joint contrastive fine-tuning of the embedder on captions and triplets",
+            "finetune",
+        ),
         Stage("embed", "images + captions -> embeddings table (kinds image and pair)", "embed"),
         Stage("triplets", "edit triplets -> triplet_embeddings (Stage 2's inputs, incremental)", "triplets"),
         Stage(

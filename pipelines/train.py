@@ -33,7 +33,6 @@ from omegaconf import OmegaConf
 
 from model.checkpoints import CheckpointMismatch, load_prior
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
-from model.errors import PipelineError
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim, text_encoder_name
 from model.training import (
@@ -47,22 +46,26 @@ from model.training import (
     save_training_state,
 )
 from ops.conditions import conditions_from_columns
-from ops.plots import line_chart_png
-from ops.storage import copy_dir, filesystem, local_copy, read_json, write_bytes
+from ops.storage import copy_dir, filesystem, local_copy, read_json
 from pipelines.common import read_table
 from pipelines.config import plain
 from pipelines.context import RunContext, Summary
 from pipelines.lake import check_vector_dim
+from pipelines.ray_train import (
+    FAULTS_ENV,
+    TrainingError,
+    clear_stop,
+    finite_mean,
+    maybe_inject_failure,
+    newest_checkpoint,
+    ordered_ingest,
+    raise_if_stopped,
+    write_metrics,
+    write_stop,
+)
 
 MODEL_DIR, EMA_MODEL_DIR = "model", "ema_model"
-# Fault drills (tests and crash drills only, never a config key): a JSON object in this
-# environment variable, e.g. {"fail_at_step": 7} (the last worker raises once at that
-# step) or {"nan_at_step": 7} (the loss is made NaN there).
-FAULTS_ENV = "CIRPIPE_TEST_FAULTS"
 
-
-class TrainingError(PipelineError):
-    pass
 
 
 def _source(cfg, stage: str) -> tuple[str, str | None, list[str], str]:
@@ -98,39 +101,11 @@ def _expected(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _newest_checkpoint(storage: str, run_name: str, s3: dict) -> str | None:
-    """The newest checkpoint folder of a run (Ray Train names them checkpoint_<time>)."""
-    fs, path = filesystem(f"{storage.rstrip('/')}/{run_name}", s3)
-    from pyarrow.fs import FileSelector
-
-    try:
-        infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
-    except OSError:
-        return None
-    names = sorted(
-        i.base_name for i in infos if i.type.name == "Directory" and i.base_name.startswith("checkpoint_")
-    )
-    return f"{storage.rstrip('/')}/{run_name}/{names[-1]}" if names else None
-
-
-def _ordered_ingest():
-    """Ray Train's ingest options with the blocks kept in order, so that an epoch's rows
-    arrive in the same order in every run (the resume determinism above needs it)."""
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
-def _stop_marker(cfg, stage: str) -> str:
-    """Written by a run that stopped itself (a non-finite loss); read by the driver."""
-    return f"{cfg.train.storage.rstrip('/')}/{cfg[f'train_{stage}'].run_name}/stopped.json"
-
-
 def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
     """A run folder whose checkpoints hold a model of another size is refused: resuming
     it would fail deep inside load_state_dict on every worker."""
     sc = cfg[f"train_{stage}"]
-    newest = _newest_checkpoint(cfg.train.storage, sc.run_name, s3)
+    newest = newest_checkpoint(cfg.train.storage, sc.run_name, s3)
     if newest is None:
         return
     found = read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
@@ -162,29 +137,6 @@ def _batch_tensors(batch: dict, stage: str, encoder, cond_dim: int, device) -> t
         c, m = encoder.encode([str(t) for t in batch["text" if stage == "stage1" else "cond_text"]])
         c, m = c.clone(), m.clone()  # the encoder runs in inference mode; autograd needs plain tensors
     return z0, zq, c.to(device), m.to(device)
-
-
-def _finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:
-    """The loss averaged over workers, and whether every worker's loss was finite:
-    one all-reduce, so that all workers stop at the same step."""
-    finite = bool(torch.isfinite(loss))
-    if world == 1:
-        return float(loss), finite
-    t = torch.tensor([float(loss) if finite else 0.0, 0.0 if finite else 1.0], device=device)
-    torch.distributed.all_reduce(t)
-    return float(t[0]) / world, float(t[1]) == 0.0
-
-
-def _maybe_inject_failure(cfg, faults: dict, stage: str, step: int, rank: int, world: int) -> None:
-    """The drill's fail_at_step: the last worker raises once (a marker under run_dir says it did)."""
-    if faults.get("fail_at_step") != step or rank != world - 1:
-        return
-    marker = os.path.join(cfg.run_dir, f".injected_failure_{stage}_{cfg[f'train_{stage}'].run_name}")
-    if os.path.exists(marker):
-        return
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    open(marker, "w").close()
-    raise RuntimeError(f"injected failure at step {step} on worker {rank} ({FAULTS_ENV} fail_at_step)")
 
 
 def _save_checkpoint(model, opt, sched, ema: EMA | None, state: dict, metrics: dict) -> None:
@@ -279,7 +231,7 @@ def train_loop(config: dict) -> None:
                 continue
             step = state["step"]
             gen.manual_seed(cfg.seed * 7919 + rank * 104729 + step)
-            _maybe_inject_failure(cfg, faults, stage, step, rank, world)
+            maybe_inject_failure(cfg.run_dir, faults, f"{stage}_{sc.run_name}", step, rank, world)
             z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
 
             def loss_of_rows(rows: slice) -> torch.Tensor:
@@ -312,14 +264,10 @@ def train_loop(config: dict) -> None:
             )
             if faults.get("nan_at_step") == step:
                 loss = loss * float("nan")
-            mean_loss, finite = _finite_mean(loss.detach(), world, device)
+            mean_loss, finite = finite_mean(loss.detach(), world, device)
             if not finite:
                 if rank == 0:
-                    write_bytes(
-                        _stop_marker(cfg, stage),
-                        json.dumps({"step": step, "loss": float(loss), "reason": "non-finite loss"}).encode(),
-                        plain(cfg.storage.s3),
-                    )
+                    write_stop(tc.storage, sc.run_name, step, float(loss), plain(cfg.storage.s3))
                 return
             grad_norm = apply_step(opt, sched, params, optim.grad_clip)
             if ema is not None:
@@ -412,7 +360,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
             # Refused here, before any worker starts, when the sizes differ from the config.
             load_prior(local_copy(sc.prior, lake.s3, cache), expected=_expected(prior_config))
     check_resumable(cfg, stage, prior_config, lake.s3)
-    newest = _newest_checkpoint(tc.storage, sc.run_name, lake.s3)
+    newest = newest_checkpoint(tc.storage, sc.run_name, lake.s3)
     before = (read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
     if ctx.dry_run:
         summary.read = rows
@@ -420,9 +368,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
         summary.note = "dry run: no worker started, nothing was written"
         return summary
 
-    marker_fs, marker = filesystem(_stop_marker(cfg, stage), lake.s3)
-    if marker_fs.get_file_info(marker).type.name != "NotFound":
-        marker_fs.delete_file(marker)  # a rerun tries again from the last good checkpoint
+    clear_stop(tc.storage, sc.run_name, lake.s3)
     fs, path = filesystem(tc.storage, lake.s3)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
@@ -445,7 +391,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         ),
         datasets={"train": read_table(lake, table, columns, filter=flt)},
-        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
     )
     print(
         f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "
@@ -456,13 +402,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"train_{stage} failed after {tc.max_failures} restarts: {e}") from None
-    stopped = read_json(_stop_marker(cfg, stage), lake.s3)
-    if stopped:
-        kept = _newest_checkpoint(tc.storage, sc.run_name, lake.s3) or "none (no checkpoint was made yet)"
-        raise TrainingError(
-            f"train_{stage} stopped at step {stopped['step']}: the loss was {stopped['loss']} "
-            f"({stopped['reason']}); nothing was exported, the last good checkpoint is kept: {kept}"
-        )
+    raise_if_stopped(tc.storage, sc.run_name, lake.s3, f"train_{stage}")
     if result.checkpoint is None:
         raise TrainingError(f"train_{stage} finished without a checkpoint under {tc.storage}/{sc.run_name}")
     state = export(cfg, stage, result.checkpoint, lake.s3)
@@ -489,17 +429,5 @@ def export(cfg, stage: str, checkpoint: ray.train.Checkpoint, s3: dict) -> dict:
             state = json.load(f)
         src = os.path.join(d, EMA_MODEL_DIR if os.path.isdir(os.path.join(d, EMA_MODEL_DIR)) else MODEL_DIR)
         copy_dir(src, out, s3)
-    rows = state["metrics"]
-    write_bytes(f"{out}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), s3)
-    write_bytes(
-        f"{out}/loss.png",
-        line_chart_png(
-            [r["step"] for r in rows],
-            [r["loss"] for r in rows],
-            f"train_{stage}: diffusion loss",
-            "step",
-            "loss",
-        ),
-        s3,
-    )
+    write_metrics(out, state["metrics"], f"train_{stage}: diffusion loss", s3)
     return state

@@ -148,13 +148,13 @@ def test_one_worker_with_precomputed_conditions(lake_dir, tiny_models):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lake_dir, tiny_models):
-    from pipelines.train import TrainingError, _newest_checkpoint
+    from pipelines.train import TrainingError, newest_checkpoint
 
     cfg = _cfg(lake_dir, tiny_models, "train.checkpoint_every=5",
                "train_stage1.max_steps=20", "train_stage1.run_name=nan", f"train_stage1.output={lake_dir}/out/nan")
     with pytest.raises(TrainingError, match=r"stopped at step 7: the loss was nan"):
         train(cfg, "stage1", nan_at_step=7)
-    newest = _newest_checkpoint(cfg.train.storage, "nan", {})
+    newest = newest_checkpoint(cfg.train.storage, "nan", {})
     with open(os.path.join(newest, "train_state.json")) as f:
         assert json.load(f)["step"] == 5
     FusionDiffPrior.from_pretrained(os.path.join(newest, "model"))

@@ -1,0 +1,74 @@
+"""MVFT-JI's joint fine-tuning of the fused embedder f_M: two in-batch contrastive tasks.
+
+MVFT-JI (seeds/mvft-ji.txt) synthesises two retrieval tasks with an MLLM from
+unlabeled images and fine-tunes the embedder on both at once:
+
+- text-to-image: an image's MLLM caption (query side) retrieves the image (candidate
+  side) among the batch's images;
+- target text: a composed query (reference image + modification text, query side)
+  retrieves the target's text (candidate side) among the batch's target texts.
+
+Each is InfoNCE over the batch in the retrieval direction (the other rows of the batch
+are the negatives); the loss is their weighted sum. The `finetune_embedder` stage runs
+this on Ray Train; the world model's training (issue 14's demo) can run it too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.mllm import FusedEmbedder
+
+
+@dataclass(frozen=True)
+class JointTasks:
+    """conf `finetune_embedder` (documented in conf/base.yaml): the loss's knobs."""
+
+    temperature: float
+    weight_text_to_image: float
+    weight_target_text: float
+
+    @classmethod
+    def from_conf(cls, section: dict) -> "JointTasks":
+        return cls(**{f.name: section[f.name] for f in fields(cls)})
+
+
+def info_nce(queries: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean cross-entropy of each query against every candidate, its own (same row) the
+    positive; both (B, d) unit vectors."""
+    logits = queries @ candidates.t() / temperature
+    return F.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+
+
+def joint_loss(
+    embedder: FusedEmbedder,
+    tasks: JointTasks,
+    caption_texts: Sequence[str],
+    caption_images: Sequence[Image.Image],
+    references: Sequence[Image.Image],
+    modifications: Sequence[str],
+    target_texts: Sequence[str],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of both tasks' losses on one batch of each, and each task's
+    loss (detached) for the metrics log. A task with no rows contributes nothing."""
+    parts, total = {}, None
+    if caption_texts and tasks.weight_text_to_image > 0:
+        q = embedder.trainable_vectors(texts=caption_texts, side="query")
+        c = embedder.trainable_vectors(images=caption_images, side="candidate")
+        loss = info_nce(q, c, tasks.temperature)
+        parts["loss_text_to_image"] = float(loss.detach())
+        total = tasks.weight_text_to_image * loss
+    if references and tasks.weight_target_text > 0:
+        q = embedder.trainable_vectors(images=references, texts=modifications, side="query")
+        c = embedder.trainable_vectors(texts=target_texts, side="candidate")
+        loss = info_nce(q, c, tasks.temperature)
+        parts["loss_target_text"] = float(loss.detach())
+        weighted = tasks.weight_target_text * loss
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError("joint_loss: both tasks are empty or weighted 0: nothing to train")
+    return total, parts

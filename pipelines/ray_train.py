@@ -1,0 +1,107 @@
+"""What the Ray Train stages share (`train_stage1`, `train_stage2`, `finetune_embedder`):
+finding a run's newest checkpoint, ordered ingest, the all-reduced finite-loss check,
+the fault drills' switch, and the export of a run's metrics beside its model."""
+from __future__ import annotations
+
+import json
+import os
+
+import ray
+import ray.train
+import torch
+
+from model.errors import PipelineError
+from ops.plots import line_chart_png
+from ops.storage import filesystem, read_json, write_bytes
+
+# Fault drills (tests and crash drills only, never a config key): a JSON object in this
+# environment variable, e.g. {"fail_at_step": 7} (the last worker raises once at that
+# step) or {"nan_at_step": 7} (the loss is made NaN there).
+FAULTS_ENV = "CIRPIPE_TEST_FAULTS"
+
+
+class TrainingError(PipelineError):
+    pass
+
+
+def newest_checkpoint(storage: str, run_name: str, s3: dict) -> str | None:
+    """The newest checkpoint folder of a run (Ray Train names them checkpoint_<time>)."""
+    from pyarrow.fs import FileSelector
+
+    fs, path = filesystem(f"{storage.rstrip('/')}/{run_name}", s3)
+    try:
+        infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(
+        i.base_name for i in infos if i.type.name == "Directory" and i.base_name.startswith("checkpoint_")
+    )
+    return f"{storage.rstrip('/')}/{run_name}/{names[-1]}" if names else None
+
+
+def ordered_ingest():
+    """Ray Train's ingest options with the blocks kept in order, so that an epoch's rows
+    arrive in the same order in every run (resuming to the same weights needs it)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:
+    """The loss averaged over workers, and whether every worker's loss was finite:
+    one all-reduce, so that all workers stop at the same step."""
+    finite = bool(torch.isfinite(loss))
+    if world == 1:
+        return float(loss), finite
+    t = torch.tensor([float(loss) if finite else 0.0, 0.0 if finite else 1.0], device=device)
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / world, float(t[1]) == 0.0
+
+
+def write_metrics(out: str, rows: list[dict], title: str, s3: dict) -> None:
+    """A run's metrics rows as `<out>/metrics.jsonl` and its loss curve as `<out>/loss.png`."""
+    write_bytes(f"{out}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), s3)
+    write_bytes(
+        f"{out}/loss.png",
+        line_chart_png([r["step"] for r in rows], [r["loss"] for r in rows], title, "step", "loss"),
+        s3,
+    )
+
+
+def maybe_inject_failure(run_dir: str, faults: dict, run: str, step: int, rank: int, world: int) -> None:
+    """The drills' fail_at_step: the last worker raises once (a marker under run_dir says it did)."""
+    if faults.get("fail_at_step") != step or rank != world - 1:
+        return
+    marker = os.path.join(run_dir, f".injected_failure_{run}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    open(marker, "w").close()
+    raise RuntimeError(f"injected failure at step {step} on worker {rank} ({FAULTS_ENV} fail_at_step)")
+
+
+def stop_marker(storage: str, run_name: str) -> str:
+    """Written by a run that stopped itself (a non-finite loss); read by the driver."""
+    return f"{storage.rstrip('/')}/{run_name}/stopped.json"
+
+
+def write_stop(storage: str, run_name: str, step: int, loss: float, s3: dict) -> None:
+    write_bytes(stop_marker(storage, run_name),
+                json.dumps({"step": step, "loss": loss, "reason": "non-finite loss"}).encode(), s3)
+
+
+def clear_stop(storage: str, run_name: str, s3: dict) -> None:
+    """A rerun tries again from the last good checkpoint."""
+    fs, marker = filesystem(stop_marker(storage, run_name), s3)
+    if fs.get_file_info(marker).type.name != "NotFound":
+        fs.delete_file(marker)
+
+
+def raise_if_stopped(storage: str, run_name: str, s3: dict, label: str) -> None:
+    stopped = read_json(stop_marker(storage, run_name), s3)
+    if stopped:
+        kept = newest_checkpoint(storage, run_name, s3) or "none (no checkpoint was made yet)"
+        raise TrainingError(
+            f"{label} stopped at step {stopped['step']}: the loss was {stopped['loss']} "
+            f"({stopped['reason']}); nothing was exported, the last good checkpoint is kept: {kept}"
+        )
