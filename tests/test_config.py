@@ -87,6 +87,10 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     ("train.use_gpu=yes", "train.use_gpu takes true or false, not 'yes'"),
     ("ray.progress_bars=off", "ray.progress_bars takes true or false, not 'off'"),
     ("ray.num_cpus=many", "ray.num_cpus='many': expected >= 1"),
+    ("finetune_embedder.caption_column=alt", "finetune_embedder.caption_column='alt': expected one of"),
+    ("finetune_embedder.temperature=0", "finetune_embedder.temperature=0: expected > 0"),
+    ("finetune_embedder.output=s3://lake/m", "finetune_embedder.output='s3://lake/m': expected a filesystem path"),
+    ("finetune_embedder.batch_size=0", "finetune_embedder.batch_size=0: expected >= 1"),
 ])
 def test_values_outside_their_rules_are_refused_at_load(override, message):
     with pytest.raises(ConfigError) as e:

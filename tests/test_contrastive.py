@@ -1,0 +1,75 @@
+"""MVFT-JI's loss and LoRA on tiny tensors and the tiny offline MLLM (model/contrastive.py, model/lora.py)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from model.contrastive import JointTasks, info_nce, joint_loss
+from model.lora import LoRALinear, add_lora, merge_lora
+from model.mllm import FINETUNE_FILE, FusedEmbedder, embedder_id, load_mllm
+from pipelines.config import load_config, plain
+from pipelines.synthetic import Item, draw
+
+pytestmark = pytest.mark.fast
+
+
+def test_info_nce_is_chance_for_equal_scores_and_falls_as_the_positive_wins():
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    same = q[:1].expand(4, -1)  # every candidate alike: every row is a 1-in-4 guess
+    assert info_nce(same, same, 0.1).item() == pytest.approx(math.log(4), abs=1e-5)
+    assert info_nce(q, q, 0.05) < info_nce(q, q, 1.0)  # positives on the diagonal: sharper is lower
+
+
+def test_lora_starts_as_the_base_and_merges_to_the_same_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(7, 6)
+    before = model(x)
+    names = add_lora(model, ["0"], rank=2, alpha=4.0)
+    assert names == ["0"] and isinstance(model[0], LoRALinear)
+    assert torch.allclose(model(x), before)  # B = 0: the update starts at 0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_a", "0.lora_b"]
+    with torch.no_grad():
+        model[0].lora_b.normal_()
+    adapted = model(x)
+    assert not torch.allclose(adapted, before)
+    assert merge_lora(model) == 1 and isinstance(model[0], nn.Linear)
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+    with pytest.raises(ValueError, match=r"no linear layer of the model is named one of \['q_proj'\]"):
+        add_lora(model, ["q_proj"], rank=2, alpha=4.0)
+
+
+def test_joint_loss_has_gradients_for_both_tasks(tiny_models):
+    cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}"])
+    embedder = FusedEmbedder.from_conf(plain(cfg.models.embedder))
+    rng = random.Random(0)
+    items = [Item("circle", "red", "small", "left", "white"), Item("square", "blue", "large", "right", "black")]
+    images = [draw(it, 64, rng) for it in items]
+    tasks = JointTasks(temperature=0.1, weight_text_to_image=1.0, weight_target_text=0.5)
+    loss, parts = joint_loss(embedder, tasks, [it.caption() for it in items], images, images,
+                             ["make it a diamond", "change the colour to red"],
+                             [it.description() for it in items])
+    assert set(parts) == {"loss_text_to_image", "loss_target_text"}
+    assert loss.item() == pytest.approx(parts["loss_text_to_image"] + 0.5 * parts["loss_target_text"], rel=1e-5)
+    loss.backward()
+    grads = [p.grad for p in embedder.mllm.model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    # trainable_vectors are embed's vectors
+    with torch.no_grad():
+        assert torch.allclose(embedder.trainable_vectors(images=images), embedder.embed(images=images), atol=1e-5)
+    with pytest.raises(ValueError, match="both tasks are empty"):
+        joint_loss(embedder, tasks, [], [], [], [], [])
+
+
+def test_a_new_finetuning_run_at_the_same_path_changes_the_embedder_id(tmp_path, tiny_models):
+    conf = plain(load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tmp_path}"]).models.embedder)
+    plain_id = embedder_id(conf)
+    (tmp_path / FINETUNE_FILE).write_text(json.dumps({"run": "a", "step": 10}))
+    first = embedder_id(conf)
+    (tmp_path / FINETUNE_FILE).write_text(json.dumps({"run": "a", "step": 20}))
+    assert len({plain_id, first, embedder_id(conf)}) == 3
