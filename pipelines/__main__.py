@@ -105,8 +105,8 @@ def run_writer(args: argparse.Namespace, cfg, run_id: str) -> None:
             print(f"[demo] rankings: {cfg.storage.root}/rankings/ (Parquet by run date) and "
                   f"{cfg.storage.root}/rankings.lance, run {state['run_id']}")
             print(f"[demo] results page: {cfg.report.dir}/index.html")
-            print("[demo] the models are tiny and random: the rankings carry no meaning; they show that "
-                  "every stage runs on real components")
+            print("[demo] the models are tiny ones taught the synthetic world on this machine: the table "
+                  "above measures the method in miniature, not the paper's checkpoints")
     elif args.stage == "benchmark":
         from pipelines import benchmark
 

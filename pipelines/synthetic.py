@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, replace
 
@@ -232,11 +233,10 @@ def tokenizer_corpus() -> list[str]:
 
 
 def build_demo_models(cfg) -> list[str]:
-    """The tiny random models of conf `tiny_models` at the configured model paths, where
-    missing (models.build_tiny); returns the paths built. The demo's and the tests' job,
-    never a production stage's."""
-    import os
-
+    """The tiny models of conf `tiny_models` at the configured model paths, where missing
+    (models.build_tiny), taught the synthetic world when tiny_models.world says so
+    (train_world_models); returns the paths built. The demo's and the tests' job, never
+    a production stage's."""
     from model.tiny import build_tiny_mllm, build_tiny_t5_encoder
     from pipelines.config import plain
 
@@ -263,6 +263,7 @@ def build_demo_models(cfg) -> list[str]:
     if cfg.models.text_encoder.kind == "t5" and not os.path.exists(os.path.join(t5, "config.json")):
         build_tiny_t5_encoder(t5, plain(cfg.tiny_models.t5), corpus, cfg.seed)
         built.append(t5)
+    train_world_models(cfg, built)
     return built
 
 
@@ -289,3 +290,87 @@ def run(ctx) -> "Summary":
         extra={"triplets": s.num_triplets, "queries": s.num_queries, "models_built": len(built)},
         note=f"manifest {uris['manifest']}",
     )
+
+
+def _world_rows(cfg, n: int, rng: random.Random) -> list[tuple]:
+    """The training split: (item, image, an edit of it: attribute, value, target, target image)."""
+    rows = []
+    for _ in range(n):
+        item = random_item(rng)
+        attribute, value, target = edit(item, rng)
+        rows.append((item, draw(item, cfg.synthetic.image_size, rng), instruction(attribute, value), target))
+    return rows
+
+
+def _lm_example(cfg, row: tuple, rng: random.Random) -> tuple:
+    """(image, prompt, answer) of one of the captioner's two prompts or the describer's."""
+    from ops.rank import describe_prompt
+
+    item, image, modification, target = row
+    kind = rng.randrange(3)
+    if kind == 0:
+        return image, cfg.caption.prompt_long, item.description()
+    if kind == 1:
+        return image, cfg.caption.prompt_short, item.caption()
+    concept = item.shape if rng.random() < 0.5 else None
+    prompt = describe_prompt(cfg.rank.describe_template, cfg.rank.describe_template_no_concept,
+                             modification, concept)
+    return image, prompt, target.description()
+
+
+def train_world_models(cfg, built: list[str]) -> dict[str, float]:
+    """Teaches the tiny models just built (paths in `built`) the synthetic world, in this
+    process (conf tiny_models.world); returns each trained path's last loss."""
+    import torch
+    from tqdm import tqdm
+
+    from model.contrastive import JointTasks, joint_loss
+    from model.lm_loss import caption_loss
+    from model.mllm import FusedEmbedder, load_mllm_from_conf
+    from pipelines.config import plain
+
+    w, m = cfg.tiny_models.world, cfg.models
+    roles = {}
+    for role, steps in (("captioner", w.lm_steps), ("describer", w.lm_steps), ("embedder", w.embedder_steps)):
+        path = m[role].name_or_path
+        if path in built and steps > 0:
+            roles.setdefault(path, set()).add("lm" if role != "embedder" else "embedder")
+    if not roles:
+        return {}
+    rng = random.Random(cfg.seed * 7919 + 1)  # apart from the catalogue's draws of the seed
+    rows = _world_rows(cfg, w.num_items, rng)
+    losses = {}
+    for path, kinds in sorted(roles.items()):
+        torch.manual_seed(cfg.seed)
+        conf = {**plain(m.embedder if "embedder" in kinds else m.captioner), "name_or_path": path}
+        embedder = FusedEmbedder.from_conf(conf) if "embedder" in kinds else None
+        mllm = embedder.mllm if embedder else load_mllm_from_conf(conf)
+        mllm.model.train()
+        opt = torch.optim.AdamW(mllm.model.parameters(), lr=w.lr)
+        tasks = JointTasks(temperature=w.temperature, weight_text_to_image=1.0, weight_target_text=0.0)
+        for kind in sorted(kinds):
+            steps = w.lm_steps if kind == "lm" else w.embedder_steps
+            bar = tqdm(range(steps), desc=f"world model {os.path.basename(path)} ({kind})", mininterval=5)
+            for _ in bar:
+                batch = [rows[rng.randrange(len(rows))] for _ in range(w.batch_size)]
+                if kind == "lm":
+                    images, prompts, answers = zip(*(_lm_example(cfg, r, rng) for r in batch))
+                    loss = caption_loss(mllm, images, prompts, answers)
+                else:
+                    texts = [r[0].caption() if rng.random() < 0.5 else r[0].description() for r in batch]
+                    loss, _ = joint_loss(embedder, tasks, texts, [r[1] for r in batch], [], [], [])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(mllm.model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            losses[f"{path} ({kind})"] = round(float(loss), 4)
+        mllm.model.eval()
+        mllm.model.save_pretrained(path)
+        with open(os.path.join(path, "world.json"), "w") as f:
+            json.dump({"trained_on": "the synthetic world's training split", "items": w.num_items,
+                       "lm_steps": w.lm_steps if "lm" in kinds else 0,
+                       "embedder_steps": w.embedder_steps if "embedder" in kinds else 0,
+                       "last_loss": losses}, f)
+    print(f"[world models] trained {', '.join(f'{k}: loss {v}' for k, v in losses.items())}", flush=True)
+    return losses

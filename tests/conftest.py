@@ -15,12 +15,16 @@ from pipelines.config import load_config
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Paths of a tiny Qwen2.5-VL MLLM and a tiny T5 encoder, built offline once."""
+    """Paths of a tiny Qwen2.5-VL MLLM and a tiny T5 encoder with random weights, built offline once."""
     from pipelines.synthetic import build_demo_models
 
     root = tmp_path_factory.mktemp("models")
-    cfg = load_config("conf/demo.yaml", [f"run_dir={root}"])
-    build_demo_models(cfg)
+    mllm = root / "models" / "mllm"
+    cfg = load_config("conf/demo.yaml", [f"run_dir={root}", f"models.captioner.name_or_path={mllm}",
+                                         f"models.embedder.name_or_path={mllm}",
+                                         f"models.describer.name_or_path={mllm}",
+                                         "tiny_models.world.lm_steps=0", "tiny_models.world.embedder_steps=0"])
+    build_demo_models(cfg)  # random: the world models are trained by the `synth` stage only
     return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
 
 
@@ -33,6 +37,8 @@ def tiny_overrides(run_dir, tiny_models, *extra) -> list[str]:
         f"models.describer.name_or_path={tiny_models['mllm']}",
         f"models.text_encoder.name_or_path={tiny_models['t5']}",
         "ray.progress_bars=false",
+        # The random tiny models rarely stop by themselves: short outputs keep the tests fast.
+        "caption.max_new_tokens_long=12", "caption.max_new_tokens_short=6", "rank.describe_max_new_tokens=16",
         *extra,
     ]
 
