@@ -48,7 +48,7 @@ from model.training import (
 )
 from ops.finetune import TEXT_TO_IMAGE_COLUMNS, target_text_rows, text_to_image_rows
 from ops.images import ImageRejected, load_image
-from ops.storage import copy_dir, filesystem, read_json
+from ops.storage import copy_dir, read_json
 from ops.triplets import TRIPLET_COLUMNS
 from pipelines.common import read_manifest, read_table
 from pipelines.config import plain
@@ -56,12 +56,10 @@ from pipelines.context import RunContext, Summary
 from pipelines.ray_train import (
     FAULTS_ENV,
     TrainingError,
-    clear_stop,
     finite_mean,
+    fit,
     maybe_inject_failure,
     newest_checkpoint,
-    ordered_ingest,
-    raise_if_stopped,
     write_metrics,
     write_stop,
 )
@@ -281,32 +279,12 @@ def run(ctx: RunContext, faults: dict | None = None) -> Summary:
         summary.extra.update(steps_per_epoch=per_epoch, resume_from=before.get("step", 0), total=total)
         summary.note = "dry run: no worker started, nothing was written"
         return summary
-    clear_stop(tc.storage, f.run_name, lake.s3)
-    fs, path = filesystem(tc.storage, lake.s3)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": ctx.conf, "total_steps": total, "steps_per_epoch": per_epoch,
-                           "tasks": list(datasets), "faults": faults},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f.run_name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
-    )
     print(f"[finetune_embedder] {', '.join(f'{n} {t} rows' for t, n in counts.items())}, {per_epoch} steps "
           f"an epoch, {total} steps, {tc.num_workers} worker(s); run {tc.storage}/{f.run_name}", flush=True)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise TrainingError(f"finetune_embedder failed after {tc.max_failures} restarts: {e}") from None
-    raise_if_stopped(tc.storage, f.run_name, lake.s3, "finetune_embedder")
-    if result.checkpoint is None:
-        raise TrainingError(
-            f"finetune_embedder finished without a checkpoint under {tc.storage}/{f.run_name}")
-    with result.checkpoint.as_directory() as d:
+    loop_config = {"cfg": ctx.conf, "total_steps": total, "steps_per_epoch": per_epoch,
+                   "tasks": list(datasets), "faults": faults}
+    checkpoint = fit(train_loop, loop_config, tc, f.run_name, datasets, lake.s3, "finetune_embedder")
+    with checkpoint.as_directory() as d:
         with open(os.path.join(d, "train_state.json")) as fh:
             state = json.load(fh)
     write_metrics(f.output, state["metrics"], "finetune_embedder: contrastive loss", lake.s3)

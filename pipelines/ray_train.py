@@ -8,6 +8,7 @@ import os
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 
 from model.errors import PipelineError
@@ -105,3 +106,37 @@ def raise_if_stopped(storage: str, run_name: str, s3: dict, label: str) -> None:
             f"{label} stopped at step {stopped['step']}: the loss was {stopped['loss']} "
             f"({stopped['reason']}); nothing was exported, the last good checkpoint is kept: {kept}"
         )
+
+
+def fit(loop, loop_config: dict, train_conf, run_name: str, datasets: dict, s3: dict, label: str):
+    """Runs `loop` on a TorchTrainer of `train_conf` (conf `train`: workers, GPUs, storage,
+    failures, checkpoints kept) as Ray Train run `run_name`, its datasets read in order;
+    returns the newest checkpoint. A run that failed past its restarts, stopped itself
+    (a non-finite loss) or made no checkpoint raises TrainingError naming it."""
+    tc = train_conf
+    clear_stop(tc.storage, run_name, s3)
+    fs, path = filesystem(tc.storage, s3)
+    trainer = ray.train.torch.TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"{label} failed after {tc.max_failures} restarts: {e}") from None
+    raise_if_stopped(tc.storage, run_name, s3, label)
+    if result.checkpoint is None:
+        raise TrainingError(f"{label} finished without a checkpoint under {tc.storage}/{run_name}")
+    return result.checkpoint

@@ -46,7 +46,7 @@ from model.training import (
     save_training_state,
 )
 from ops.conditions import conditions_from_columns
-from ops.storage import copy_dir, filesystem, local_copy, read_json
+from ops.storage import copy_dir, local_copy, read_json
 from pipelines.common import read_table
 from pipelines.config import plain
 from pipelines.context import RunContext, Summary
@@ -54,12 +54,10 @@ from pipelines.lake import check_vector_dim
 from pipelines.ray_train import (
     FAULTS_ENV,
     TrainingError,
-    clear_stop,
     finite_mean,
+    fit,
     maybe_inject_failure,
     newest_checkpoint,
-    ordered_ingest,
-    raise_if_stopped,
     write_metrics,
     write_stop,
 )
@@ -368,44 +366,22 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
         summary.note = "dry run: no worker started, nothing was written"
         return summary
 
-    clear_stop(tc.storage, sc.run_name, lake.s3)
-    fs, path = filesystem(tc.storage, lake.s3)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": ctx.conf,
-            "stage": stage,
-            "total_steps": total,
-            "steps_per_epoch": per_epoch,
-            "prior_config": prior_config,
-            "faults": faults,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=sc.run_name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-        ),
-        datasets={"train": read_table(lake, table, columns, filter=flt)},
-        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),
-    )
     print(
         f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "
         f"{tc.num_workers} worker(s); run {tc.storage}/{sc.run_name}",
         flush=True,
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise TrainingError(f"train_{stage} failed after {tc.max_failures} restarts: {e}") from None
-    raise_if_stopped(tc.storage, sc.run_name, lake.s3, f"train_{stage}")
-    if result.checkpoint is None:
-        raise TrainingError(f"train_{stage} finished without a checkpoint under {tc.storage}/{sc.run_name}")
-    state = export(cfg, stage, result.checkpoint, lake.s3)
+    loop_config = {
+        "cfg": ctx.conf,
+        "stage": stage,
+        "total_steps": total,
+        "steps_per_epoch": per_epoch,
+        "prior_config": prior_config,
+        "faults": faults,
+    }
+    checkpoint = fit(train_loop, loop_config, tc, sc.run_name,
+                     {"train": read_table(lake, table, columns, filter=flt)}, lake.s3, f"train_{stage}")
+    state = export(cfg, stage, checkpoint, lake.s3)
     resumed = before.get("step", 0)
     restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)
     summary.read, summary.written = rows, state["step"] - resumed
