@@ -67,10 +67,12 @@ def _thumb(uri: str, s3: dict, size: int) -> bytes | None:
     return buf.getvalue()
 
 
-def _figure(src: str | None, caption: str, target: bool) -> str:
+def _figure(src: str | None, caption: str, target: bool, text: str | None = None) -> str:
+    """An image with its label and (text) the captioner's caption of it."""
     img = f'<img src="{html.escape(src)}" alt="{html.escape(caption)}">' if src else "<div>(missing)</div>"
     css = "target" if target else ""
-    return f'<figure class="{css}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    said = f"<br><i>{html.escape(text)}</i>" if text else ""
+    return f'<figure class="{css}">{img}<figcaption>{html.escape(caption)}{said}</figcaption></figure>'
 
 
 def run(ctx: RunContext) -> Summary:
@@ -125,6 +127,8 @@ def write(ctx: RunContext, queries_table: pa.Table, run_ids: dict[str, str] | No
     image_ids = {x["image_id"] for v in ranked.values() for x in v}
     image_ids |= {q.get("reference_id") for q in queries.values() if q.get("reference_id")}
     uris = {k: v["uri"] for k, v in lookup(lake.open("images"), sorted(image_ids), ["uri"]).items()}
+    captions = lookup(lake.open("captions"), sorted(image_ids), ["caption_short"])
+    said = {k: v["caption_short"] for k, v in captions.items()}
     thumbs = {}
     for image_id in sorted(image_ids):
         data = _thumb(uris[image_id], lake.s3, r.thumbnail_size) if image_id in uris else None
@@ -143,6 +147,7 @@ def write(ctx: RunContext, queries_table: pa.Table, run_ids: dict[str, str] | No
                     thumbs.get(x["image_id"]),
                     f"#{x['rank']} {x['image_id']} {x['score']:.3f}",
                     x["image_id"] == q.get("target_id"),
+                    said.get(x["image_id"]),
                 )
                 for x in top
             )
@@ -155,7 +160,7 @@ def write(ctx: RunContext, queries_table: pa.Table, run_ids: dict[str, str] | No
         ).lower()
         body.append(
             f'<tr class=query data-search="{html.escape(search)}"><td>{html.escape(qid)}</td>'
-            f"<td>{_figure(thumbs.get(ref), ref or '(text query)', False)}</td>"
+            f"<td>{_figure(thumbs.get(ref), ref or '(text query)', False, said.get(ref))}</td>"
             f"<td><b>{html.escape(q['modification_text'] or '')}</b></td>{''.join(cells)}</tr>"
         )
     mode_heads = "".join(f"<th>{html.escape(m)}: top {r.top_k}</th>" for m in run_ids)
@@ -167,9 +172,9 @@ def write(ctx: RunContext, queries_table: pa.Table, run_ids: dict[str, str] | No
 {_header(rankings, run_ids)}
 <div class=legend><p>Each query is a reference image and a modification ("this image, but ..."). Under each
 mode: the description of the target the describer wrote (where the mode writes one) and the
-top {r.top_k} catalogue images, best first. Scores are cosine similarities between the query's
-vector and the image's vector (1 is identical, 0 unrelated); a known target is outlined in
-green.</p><ul>{legend}</ul></div>
+top {r.top_k} catalogue images, best first, each with the captioner's short caption of it
+(in italics). Scores are cosine similarities between the query's vector and the image's
+vector (1 is identical, 0 unrelated); a known target is outlined in green.</p><ul>{legend}</ul></div>
 {ctx.page_header}
 <p><input id=search placeholder="search query id, text or image id" oninput="filterRows(this.value)">
 <span id=shown>{len(qids)}</span> of {len(qids)} queries shown

@@ -244,6 +244,8 @@ def chromium():
 def test_results_page_shows_modes_side_by_side_in_chromium(s3_lake, tiny_models, tmp_path, chromium):
     from PIL import Image
 
+    from html import escape
+
     from pipelines import report
     from pipelines.context import RunContext
 
@@ -258,6 +260,10 @@ def test_results_page_shows_modes_side_by_side_in_chromium(s3_lake, tiny_models,
     html = open(page).read()
     assert "[rank] run r1" in html and "<th>full: top 5</th><th>query_only: top 5</th>" in html
     assert "{'" not in html  # provenance as a table, not a Python dict
+    # Beside each image, the captioner's caption of it (the captions table's words).
+    captions = RunContext.create(cfg).lake.open("captions").to_table(columns=["caption_short"]).column(0)
+    shown = [c for c in captions.to_pylist() if c and f"<br><i>{escape(c)}</i>" in html]
+    assert len(shown) >= 8, len(shown)
     for words in ("Scores are cosine similarities", "<b>full</b>: Fusion-Diff", "<b>query_only</b>: the query",
                   "id=search", "</span> of 8 queries shown"):
         assert words in html, words
