@@ -88,7 +88,8 @@ def build_tiny_mllm(out_dir: str, spec: dict, corpus: Iterable[str], seed: int) 
             num_hidden_layers=spec["num_layers"],
             num_attention_heads=spec["num_attention_heads"],
             num_key_value_heads=spec["num_key_value_heads"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            rope_parameters={
+                "rope_type": "default", "rope_theta": spec["rope_theta"], "mrope_section": mrope},
             max_position_embeddings=spec["max_position_embeddings"],
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],

@@ -53,18 +53,26 @@ def run(ctx: RunContext) -> str:
         # The benchmark's gallery joins the lake beside the catalogue: it deletes nothing.
         "ingest.delete_missing": False})
     ctx.lines.clear()
-    for stage in ("ingest", "caption", "embed", "index"):
-        ctx.lines.append(STAGES[stage].run(ctx).line())
-        print(ctx.lines[-1], flush=True)
+
+    def ranked(c: RunContext, mode: str, label: str, tag: str) -> dict[str, float]:
+        c.page_runs[label] = f"{e.benchmark}-{mode}{tag}-{stamp}"
+        summary = STAGES["rank"].run(c.with_settings(run_id=c.page_runs[label], **{"rank.mode": mode}))
+        c.lines.append(summary.line())
+        print(c.lines[-1], flush=True)
+        return evaluate.evaluate(b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3)))
+
     results = {}
-    for mode in e.modes:
-        ctx.page_runs[mode] = f"{e.benchmark}-{mode}-{stamp}"
-        summary = STAGES["rank"].run(ctx.with_settings(run_id=ctx.page_runs[mode], **{"rank.mode": mode}))
-        ctx.lines.append(summary.line())
-        print(ctx.lines[-1], flush=True)
-        results[mode] = evaluate.evaluate(
-            b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3))
-        )
+    runs = [(ctx, e.modes, "", "")]
+    if e.base_embedder_modes:
+        # First, so that the lake ends with models.embedder's vectors, as the nightly left it.
+        base = ctx.with_settings(**{"models.embedder.name_or_path": cfg.finetune_embedder.base})
+        runs.insert(0, (base, e.base_embedder_modes, " (before fine-tuning)", "-before-finetune"))
+    for c, modes, suffix, tag in runs:
+        for stage in ("ingest", "caption", "embed", "index"):
+            c.lines.append(STAGES[stage].run(c).line())
+            print(c.lines[-1], flush=True)
+        for mode in modes:
+            results[mode + suffix] = ranked(c, mode, mode + suffix, tag)
     results[CHANCE] = evaluate.chance(b, cfg.seed)
     md = markdown(e.benchmark, e.split, results)
     write_bytes(f"{e.out_dir}/results.md", md.encode(), dict(cfg.storage.s3))

@@ -324,6 +324,7 @@ RULES: dict[str, Rule] = {
     "eval.benchmark": one_of("cirr", "fashioniq", "circo"),
     "eval.fashioniq_captions": one_of("searle", "pic2word"),
     "eval.modes": each_of(*RANK_MODES),
+    "eval.base_embedder_modes": each_of(*RANK_MODES),
 }
 
 
@@ -424,3 +425,16 @@ def _show(value) -> str:
 def plain(node) -> dict:
     """A config section as a plain dict, as ops take it (ops know nothing of OmegaConf)."""
     return OmegaConf.to_container(node, resolve=True)
+
+
+def model_source(cfg, role: str) -> str:
+    """The folder whose config, processor and weights stand for models.<role> before the
+    run: its own path, or finetune_embedder.base when the path is the fine-tuned
+    embedder that this deployment's finetune_embedder stage writes (and has not yet)."""
+    import os
+
+    path = cfg.models[role].name_or_path
+    made_here = "finetune_embedder" in cfg.nightly.stages and path == cfg.finetune_embedder.output
+    if made_here and not os.path.exists(os.path.join(path, "config.json")):
+        return cfg.finetune_embedder.base
+    return path

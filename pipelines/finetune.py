@@ -293,5 +293,8 @@ def run(ctx: RunContext, faults: dict | None = None) -> Summary:
     summary.written = state["step"] - resumed
     summary.extra.update(resumed_from=resumed, step=state["step"], total=total, restarts=max(0, restarts),
                          loss=state["metrics"][-1]["loss"] if state["metrics"] else float("nan"))
-    summary.note = f"embedder: {f.output} (point models.embedder.name_or_path there to embed with it)"
+    used = cfg.models.embedder.name_or_path == f.output
+    summary.note = f"embedder: {f.output} " + (
+        "(models.embedder loads it: embed re-embeds)" if used
+        else "(point models.embedder.name_or_path there to embed with it)")
     return summary

@@ -50,22 +50,24 @@ def model_checks(cfg) -> list[Check]:
 
     from model.mllm import load_processor
     from model.text_encoder import text_encoder_dim
+    from pipelines.config import model_source
 
     out = []
     for role in MODEL_ACTORS:
-        m = cfg.models[role]
+        src = model_source(cfg, role)
+        made = "" if src == cfg.models[role].name_or_path else " (finetune_embedder's base)"
         out.append(_attempt(
             f"models.{role}: config, processor, tokenizer",
-            lambda m=m: f"{m.name_or_path}: {type(load_processor(m.name_or_path)).__name__}",
+            lambda src=src, made=made: f"{src}{made}: {type(load_processor(src)).__name__}",
             f"point models.{role}.name_or_path at a Qwen-VL checkpoint folder (config.json, "
             "preprocessor_config.json, tokenizer files) or a hub id reachable from here",
         ))
-    e = cfg.models.embedder
+    e, embedder = cfg.models.embedder, model_source(cfg, "embedder")
 
     def embedder_dim() -> str:
-        hidden = AutoConfig.from_pretrained(e.name_or_path).get_text_config().hidden_size
+        hidden = AutoConfig.from_pretrained(embedder).get_text_config().hidden_size
         if hidden != e.dim:
-            raise PipelineError(f"{e.name_or_path} has hidden size {hidden}, models.embedder.dim is {e.dim}")
+            raise PipelineError(f"{embedder} has hidden size {hidden}, models.embedder.dim is {e.dim}")
         return f"d_VL = {hidden}"
 
     out.append(_attempt("models.embedder: dim", embedder_dim,
@@ -78,7 +80,7 @@ def model_checks(cfg) -> list[Check]:
         dim = text_encoder_dim(dict(te), dict(e))
         if te.kind == "t5":
             AutoTokenizer.from_pretrained(te.name_or_path)
-        return f"{te.kind} {te.name_or_path if te.kind == 't5' else e.name_or_path}: conditions of size {dim}"
+        return f"{te.kind} {te.name_or_path if te.kind == 't5' else embedder}: conditions of size {dim}"
 
     out.append(_attempt("models.text_encoder: config, tokenizer", text_encoder,
                         "point models.text_encoder.name_or_path at a T5 checkpoint (spiece.model needs "
@@ -90,6 +92,7 @@ def memory_checks(cfg) -> list[Check]:
     import math
 
     from model.memory import GIB, weights_bytes
+    from pipelines.config import model_source
 
     p, out = cfg.preflight, []
     for role, section in MODEL_ACTORS.items():
@@ -100,7 +103,7 @@ def memory_checks(cfg) -> list[Check]:
         asked = cfg[section].num_gpus_per_actor
         gpus = asked if m.device_map else min(asked, 1)
         try:
-            need = weights_bytes(m.name_or_path, m.dtype) * p.memory_headroom
+            need = weights_bytes(model_source(cfg, role), m.dtype) * p.memory_headroom
         except Exception as e:  # noqa: BLE001 (the model checks above name the cause)
             out.append(Check(name, False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
                              f"fix models.{role}.name_or_path first"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, replace
@@ -23,16 +24,19 @@ from PIL import Image, ImageDraw
 from ops.storage import filesystem, write_bytes
 
 ATTRIBUTES = {
-    "shape": ["circle", "square", "triangle", "diamond"],
-    "colour": ["red", "green", "blue", "yellow", "purple", "orange"],
+    "shape": ["circle", "square", "triangle", "diamond", "cross", "star"],
+    "colour": ["red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"],
     "size": ["small", "large"],
     "position": ["left", "centre", "right"],
-    "background": ["white", "black", "grey", "beige"],
+    "background": ["white", "black", "grey", "beige", "navy"],
 }
+# 1,440 items: a benchmark gallery of 1,000 distinct images, with the 400 items of 200
+# held-out queries never seen by any model's training.
 RGB = {
     "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (235, 210, 40),
     "purple": (140, 50, 170), "orange": (240, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15),
-    "grey": (128, 128, 128), "beige": (225, 210, 170),
+    "grey": (128, 128, 128), "beige": (225, 210, 170), "pink": (245, 130, 190), "cyan": (40, 205, 215),
+    "navy": (25, 35, 100),
 }
 
 
@@ -80,8 +84,15 @@ def draw(item: Item, size: int, rng: random.Random) -> Image.Image:
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif item.shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    else:
+    elif item.shape == "diamond":
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif item.shape == "cross":
+        w = r * 0.35
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:  # a five-pointed star, its inner corners at 0.45 r
+        corners = [(r if k % 2 == 0 else 0.45 * r, math.pi * (k / 5 - 0.5)) for k in range(10)]
+        d.polygon([(cx + a * math.cos(t), cy + a * math.sin(t)) for a, t in corners], fill=fill)
     return im
 
 
@@ -106,6 +117,41 @@ def _write_table(rows: list[dict], uri: str, s3: dict | None) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, filesystem=fs)
 
 
+def num_combinations() -> int:
+    return math.prod(len(v) for v in ATTRIBUTES.values())
+
+
+def draw_queries(rng: random.Random, num_queries: int) -> list[tuple[Item, str, str, Item]]:
+    """(reference, attribute, value, target) of each composed query: the first draws of
+    the catalogue's generator, every reference and target a distinct item."""
+    seen: set[Item] = set()
+    queries = []
+    while len(queries) < num_queries:
+        ref = random_item(rng)
+        attribute, value, target = edit(ref, rng)
+        if ref in seen or target in seen:
+            continue
+        seen.update((ref, target))
+        queries.append((ref, attribute, value, target))
+    return queries
+
+
+def held_out_items(num_queries: int, seed: int) -> frozenset[Item]:
+    """The references and targets of the catalogue's queries (seed, num_queries): no
+    training row of the world models or the triplets holds one, so every query's
+    (item, edit) is new to every model that answers it."""
+    return frozenset(it for r, _, _, t in draw_queries(random.Random(seed), num_queries) for it in (r, t))
+
+
+def training_edit(rng: random.Random, held_out: frozenset[Item]) -> tuple[Item, str, str, Item]:
+    """A random item and an edit of it, neither of them held out."""
+    while True:
+        item = random_item(rng)
+        attribute, value, target = edit(item, rng)
+        if item not in held_out and target not in held_out:
+            return item, attribute, value, target
+
+
 def make_catalogue(
     out_dir: str,
     num_images: int,
@@ -116,28 +162,18 @@ def make_catalogue(
     s3: dict | None = None,
 ) -> dict[str, str]:
     """Writes the catalogue; returns the URIs of the manifest, triplets and queries."""
-    combos = 1
-    for v in ATTRIBUTES.values():
-        combos *= len(v)
+    combos = num_combinations()
     if 2 * num_queries > min(num_images, combos):
         raise ValueError(
             f"synthetic: need 2 * num_queries <= min(num_images, {combos}), "
             f"got num_queries={num_queries}, num_images={num_images}"
         )
     rng = random.Random(seed)
-    items: list[Item] = []
-    seen: set[Item] = set()
-    queries = []
     # Queries first, so that each has its reference and target in the catalogue.
-    while len(queries) < num_queries:
-        ref = random_item(rng)
-        attribute, value, target = edit(ref, rng)
-        if ref in seen or target in seen:
-            continue
-        for it in (ref, target):
-            seen.add(it)
-            items.append(it)
-        queries.append((len(items) - 2, len(items) - 1, attribute, value))
+    drawn = draw_queries(rng, num_queries)
+    items = [it for r, _, _, t in drawn for it in (r, t)]
+    seen = set(items)
+    queries = [(2 * n, 2 * n + 1, a, v) for n, (_, a, v, _) in enumerate(drawn)]
     while len(items) < num_images:
         it = random_item(rng)
         # Past the number of attribute combinations, items repeat (their jitter differs).
@@ -166,9 +202,9 @@ def make_catalogue(
         for n, (r, t, a, v) in enumerate(queries)
     ]
     triplets = []
+    held_out = frozenset(items[: 2 * num_queries])
     for n in range(num_triplets):
-        src = random_item(rng)
-        attribute, value, tgt = edit(src, rng)
+        src, attribute, value, tgt = training_edit(rng, held_out)
         s_uri, t_uri = f"{out_dir}/triplets/t{n:05d}_source.png", f"{out_dir}/triplets/t{n:05d}_target.png"
         write_bytes(s_uri, png(draw(src, image_size, rng)), s3)
         write_bytes(t_uri, png(draw(tgt, image_size, rng)), s3)
@@ -238,7 +274,7 @@ def build_demo_models(cfg) -> list[str]:
     (train_world_models); returns the paths built. The demo's and the tests' job, never
     a production stage's."""
     from model.tiny import build_tiny_mllm, build_tiny_t5_encoder
-    from pipelines.config import plain
+    from pipelines.config import model_source, plain
 
     if not cfg.models.build_tiny:
         return []
@@ -249,13 +285,7 @@ def build_demo_models(cfg) -> list[str]:
         cfg.models.embedder.candidate_instruction,
     ]
     built = []
-    for path in sorted(
-        {
-            cfg.models.captioner.name_or_path,
-            cfg.models.embedder.name_or_path,
-            cfg.models.describer.name_or_path,
-        }
-    ):
+    for path in sorted({model_source(cfg, role) for role in ("captioner", "embedder", "describer")}):
         if not os.path.exists(os.path.join(path, "config.json")):
             build_tiny_mllm(path, plain(cfg.tiny_models.mllm), corpus, cfg.seed)
             built.append(path)
@@ -293,12 +323,14 @@ def run(ctx) -> "Summary":
 
 
 def _world_rows(cfg, n: int, rng: random.Random) -> list[tuple]:
-    """The training split: (item, image, an edit of it: attribute, value, target, target image)."""
-    rows = []
+    """The training split, without the catalogue's held-out query items: (item, image,
+    an edit of it as an instruction, the edited item, its image)."""
+    held_out = held_out_items(cfg.synthetic.num_queries, cfg.seed)
+    size, rows = cfg.synthetic.image_size, []
     for _ in range(n):
-        item = random_item(rng)
-        attribute, value, target = edit(item, rng)
-        rows.append((item, draw(item, cfg.synthetic.image_size, rng), instruction(attribute, value), target))
+        item, attribute, value, target = training_edit(rng, held_out)
+        image, edited = draw(item, size, rng), draw(target, size, rng)
+        rows.append((item, image, instruction(attribute, value), target, edited))
     return rows
 
 
@@ -306,7 +338,7 @@ def _lm_example(cfg, row: tuple, rng: random.Random) -> tuple:
     """(image, prompt, answer) of one of the captioner's two prompts or the describer's."""
     from ops.rank import describe_prompt
 
-    item, image, modification, target = row
+    item, image, modification, target, _ = row
     kind = rng.randrange(3)
     if kind == 0:
         return image, cfg.caption.prompt_long, item.description()
@@ -324,15 +356,15 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
     import torch
     from tqdm import tqdm
 
-    from model.contrastive import JointTasks, joint_loss
+    from model.contrastive import info_nce
     from model.lm_loss import caption_loss
     from model.mllm import FusedEmbedder, load_mllm_from_conf
-    from pipelines.config import plain
+    from pipelines.config import model_source, plain
 
     w, m = cfg.tiny_models.world, cfg.models
     roles = {}
     for role, steps in (("captioner", w.lm_steps), ("describer", w.lm_steps), ("embedder", w.embedder_steps)):
-        path = m[role].name_or_path
+        path = model_source(cfg, role)
         if path in built and steps > 0:
             roles.setdefault(path, set()).add("lm" if role != "embedder" else "embedder")
     if not roles:
@@ -347,7 +379,6 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
         mllm = embedder.mllm if embedder else load_mllm_from_conf(conf)
         mllm.model.train()
         opt = torch.optim.AdamW(mllm.model.parameters(), lr=w.lr)
-        tasks = JointTasks(temperature=w.temperature, weight_text_to_image=1.0, weight_target_text=0.0)
         for kind in sorted(kinds):
             steps = w.lm_steps if kind == "lm" else w.embedder_steps
             bar = tqdm(range(steps), desc=f"world model {os.path.basename(path)} ({kind})", mininterval=5)
@@ -357,8 +388,20 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
                     images, prompts, answers = zip(*(_lm_example(cfg, r, rng) for r in batch))
                     loss = caption_loss(mllm, images, prompts, answers)
                 else:
-                    texts = [r[0].caption() if rng.random() < 0.5 else r[0].description() for r in batch]
-                    loss, _ = joint_loss(embedder, tasks, texts, [r[1] for r in batch], [], [], [])
+                    # Each row's item beside its edited twin, one attribute apart: the batch's
+                    # hardest negatives, without which colour and background alone tell
+                    # most items apart and shape and position are never learnt.
+                    half = batch[: len(batch) // 2]
+                    items = [it for r in half for it in (r[0], r[3])]
+                    images = [im for r in half for im in (r[1], r[4])]
+                    texts = [it.caption() if rng.random() < 0.5 else it.description() for it in items]
+                    image = embedder.trainable_vectors(images=images, side="candidate")
+                    text = embedder.trainable_vectors(texts=texts, side="query")
+                    # GME's one space: an image with its caption (the fused vectors Stage 1
+                    # learns and Stage 2 aims at) lands where the image alone does, since
+                    # the gallery is ranked by the image alone.
+                    pair = embedder.trainable_vectors(images=images, texts=texts, side="candidate")
+                    loss = info_nce(text, image, w.temperature) + info_nce(pair, image, w.temperature)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(mllm.model.parameters(), 1.0)
                 opt.step()

@@ -39,6 +39,9 @@ def tiny_overrides(run_dir, tiny_models, *extra) -> list[str]:
         "ray.progress_bars=false",
         # The random tiny models rarely stop by themselves: short outputs keep the tests fast.
         "caption.max_new_tokens_long=12", "caption.max_new_tokens_short=6", "rank.describe_max_new_tokens=16",
+        # The tests' catalogue: 48 images (the demo's benchmark has 1,000), training batches to match.
+        "synthetic.num_images=48", "synthetic.num_queries=16", "synthetic.num_triplets=32",
+        "train_stage1.batch_size=16", "train_stage1.epochs=30", "train_stage2.batch_size=8", "train_stage2.epochs=15",
         *extra,
     ]
 

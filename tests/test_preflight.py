@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.context import RunContext
-from pipelines.preflight import PreflightFailed, run
+from pipelines.preflight import PreflightFailed, model_checks, run
 from tests import checkpoints as ck
 from tests.conftest import tiny_config
 
@@ -49,3 +49,29 @@ def test_preflight_names_each_problem_and_its_fix(tmp_path, tiny_models, ray_loc
     # ~136 GiB of bfloat16 weights x 1.2 headroom: three 80 GiB GPUs.
     assert "set rank.num_gpus_per_actor >= 3 and models.describer.device_map: auto" in out
     assert "asks for 1 GPU" in out
+
+
+@pytest.mark.fast
+def test_an_embedder_the_nightly_fine_tunes_is_checked_as_its_base(tmp_path, tiny_models):
+    """The demo embeds with finetune_embedder's output, which its nightly writes: before the
+    first night, preflight and the model builder look at the base it starts from."""
+    from pipelines.config import load_config, model_source
+
+    demo = load_config("conf/demo.yaml", [f"run_dir={tmp_path}"])
+    assert demo.models.embedder.name_or_path == demo.finetune_embedder.output
+    assert model_source(demo, "embedder") == f"{tmp_path}/models/world_embedder"
+    assert model_source(demo, "captioner") == f"{tmp_path}/models/world_mllm"
+    # Once the stage has written it, the fine-tuned embedder is what is checked.
+    (tmp_path / "models" / "embedder_finetuned").mkdir(parents=True)
+    (tmp_path / "models" / "embedder_finetuned" / "config.json").write_text("{}")
+    assert model_source(demo, "embedder") == demo.finetune_embedder.output
+    # A deployment whose nightly does not fine-tune is checked at the path it names.
+    other = load_config("conf/demo.yaml", [f"run_dir={tmp_path}/b", "nightly.stages=[ingest,embed]"])
+    assert model_source(other, "embedder") == other.finetune_embedder.output
+    cfg = tiny_config(tmp_path / "c", tiny_models, f"models.embedder.name_or_path={tmp_path}/c/models/ft",
+                      f"finetune_embedder.output={tmp_path}/c/models/ft",
+                      f"finetune_embedder.base={tiny_models['mllm']}")
+    checks = {c.name: c for c in model_checks(cfg)}
+    assert checks["models.embedder: config, processor, tokenizer"].ok
+    assert "(finetune_embedder's base)" in checks["models.embedder: config, processor, tokenizer"].detail
+    assert checks["models.embedder: dim"].ok
