@@ -371,15 +371,18 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
         return {}
     rng = random.Random(cfg.seed * 7919 + 1)  # apart from the catalogue's draws of the seed
     rows = _world_rows(cfg, w.num_items, rng)
-    losses = {}
-    for path, kinds in sorted(roles.items()):
+    losses, taught = {}, None
+    # The MLLM first: an embedder of its own path then starts from it, as GME starts from
+    # Qwen2-VL (what the MLLM learnt to see, the embedder need not learn again).
+    for path, kinds in sorted(roles.items(), key=lambda kv: ("lm" not in kv[1], kv[0])):
         torch.manual_seed(cfg.seed)
-        conf = {**plain(m.embedder if "embedder" in kinds else m.captioner), "name_or_path": path}
+        start = taught if kinds == {"embedder"} and taught else path
+        conf = {**plain(m.embedder if "embedder" in kinds else m.captioner), "name_or_path": start}
         embedder = FusedEmbedder.from_conf(conf) if "embedder" in kinds else None
         mllm = embedder.mllm if embedder else load_mllm_from_conf(conf)
         mllm.model.train()
         opt = torch.optim.AdamW(mllm.model.parameters(), lr=w.lr)
-        for kind in sorted(kinds):
+        for kind in [k for k in ("lm", "embedder") if k in kinds]:
             steps = w.lm_steps if kind == "lm" else w.embedder_steps
             bar = tqdm(range(steps), desc=f"world model {os.path.basename(path)} ({kind})", mininterval=5)
             for _ in bar:
@@ -407,11 +410,13 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            losses[f"{path} ({kind})"] = round(float(loss), 4)
+            losses[f"{path} ({kind})"] = round(loss.item(), 4)
         mllm.model.eval()
         mllm.model.save_pretrained(path)
+        taught = path if "lm" in kinds else taught
         with open(os.path.join(path, "world.json"), "w") as f:
             json.dump({"trained_on": "the synthetic world's training split", "items": w.num_items,
+                       "started_from": start,
                        "lm_steps": w.lm_steps if "lm" in kinds else 0,
                        "embedder_steps": w.embedder_steps if "embedder" in kinds else 0,
                        "last_loss": losses}, f)

@@ -55,6 +55,9 @@ def test_world_models_learn_to_caption_and_embed_the_world(tmp_path, tiny_models
     assert set(losses) == {f"{tmp_path}/models/world_mllm (lm)", f"{tmp_path}/models/world_embedder (embedder)"}
     made = json.load(open(os.path.join(tmp_path, "models", "world_mllm", "world.json")))
     assert (made["lm_steps"], made["embedder_steps"]) == (450, 0)
+    # The embedder starts from the MLLM the same call taught, as GME from Qwen2-VL.
+    made = json.load(open(os.path.join(world_embedder, "world.json")))
+    assert made["started_from"] == cfg.models.captioner.name_or_path and made["embedder_steps"] == 150
     named, text_r5, pair_r5 = measure()
     # Seen after 450 steps: background 1.0, the others 0.28 to 0.47 (chance 1/6 to 1/2:
     # colour and shape come later, ~1,500 steps); the random model names none.
@@ -63,7 +66,9 @@ def test_world_models_learn_to_caption_and_embed_the_world(tmp_path, tiny_models
     assert sum(named.values()) / len(named) >= 0.4, named
     # R@5 over 32 held-out items (chance 5/32 = 0.16).
     assert text_r5 >= 2 * max(random_r5, 5 / 32), (random_r5, text_r5)
-    assert pair_r5 >= 2 * max(random_pair_r5, 5 / 32), (random_pair_r5, pair_r5)
+    # A random model's fused vector is its image's already (the image's tokens dominate);
+    # teaching text -> image must keep it so (seen: 1.0 before, 0.97 after).
+    assert random_pair_r5 >= 0.9 and pair_r5 >= 0.9, (random_pair_r5, pair_r5)
     # A path that was not built now is never trained.
     assert train_world_models(cfg, []) == {}
 
