@@ -2,8 +2,10 @@
 
 Loads the benchmark's official annotations (`eval.*`), writes them as the pipeline's
 manifest and queries, runs ingest, caption, embed and index on its images, then the
-rank stage in every mode of `eval.modes`, evaluates each ranking with the official
-metrics, and writes the modes side by side: `<eval.out_dir>/results.md` (Markdown),
+rank stage in every mode of `eval.modes` (and first, the gallery embedded with
+finetune_embedder.base, each mode of `eval.base_embedder_modes`: the embedder before
+fine-tuning), evaluates each ranking with the official metrics, and writes the modes
+side by side: `<eval.out_dir>/results.md` (Markdown),
 `results.json`, and a results page whose top holds the same table.
 """
 from __future__ import annotations

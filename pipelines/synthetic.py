@@ -7,6 +7,9 @@ is known exactly. Written under `synthetic.out_dir` (local or s3://):
   instruction, target_uri, target_description),
 - `queries.parquet` in CIRR form (query_id, reference_id, modification_text,
   target_id, shared_concept) whose targets are catalogue images.
+
+The queries' references and targets are held out (`held_out_items`): the triplets and
+the world models' training split (`training_edit`) never hold one.
 """
 from __future__ import annotations
 
