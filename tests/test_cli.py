@@ -19,7 +19,9 @@ def test_nightly_command_builds_the_data_stages_from_nothing(tmp_path):
         assert re.search(rf"^\[{stage}\] read 12, written 12, skipped as unchanged 0, rejected 0", out.stdout, re.M), out.stdout
     assert lance.dataset(f"{tmp_path}/lake/embeddings.lance").count_rows() == 24
     assert os.path.exists(f"{tmp_path}/models/world_mllm/model.safetensors")
-    assert os.path.exists(f"{tmp_path}/models/world_embedder/model.safetensors")
+    # This nightly does not fine-tune, so the demo's embedder path (finetune_embedder's
+    # output) is where the tiny embedder is built (tests/test_preflight.py: model_source).
+    assert os.path.exists(f"{tmp_path}/models/embedder_finetuned/model.safetensors")
     assert os.path.exists(f"{tmp_path}/catalogue/triplets.parquet")
 
 
