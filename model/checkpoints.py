@@ -7,6 +7,7 @@ refused with what was expected and what was found, before any weights are read.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 from model.errors import PipelineError
@@ -15,6 +16,13 @@ from model.prior import ControlAdapter, FusionDiffPrior
 
 class CheckpointMismatch(PipelineError):
     pass
+
+
+def prior_config_with_defaults(found: dict) -> dict:
+    """A prior's saved config with the fields it predates at their defaults, as
+    from_pretrained reads it (prediction_type came after the first checkpoints)."""
+    params = inspect.signature(FusionDiffPrior.__init__).parameters.values()
+    return {**{p.name: p.default for p in params if p.default is not p.empty}, **found}
 
 
 def _compare(path: str, found: dict, expected: dict) -> None:
@@ -32,7 +40,7 @@ def load_prior(path: str, expected: dict | None = None, **kwargs) -> FusionDiffP
         raise CheckpointMismatch(
             f"checkpoint {path} holds a {found.get('_class_name')}, not a FusionDiffPrior"
         )
-    _compare(path, found, expected or {})
+    _compare(path, prior_config_with_defaults(found), expected or {})
     return FusionDiffPrior.from_pretrained(path, **kwargs)
 
 
@@ -45,5 +53,5 @@ def load_adapter(path: str, prior: FusionDiffPrior, **kwargs) -> ControlAdapter:
             f"checkpoint {path} holds a {found.get('_class_name')}, not a ControlAdapter"
         )
     expected = {k: v for k, v in dict(prior.config).items() if not k.startswith("_")}
-    _compare(path, found.get("prior_config") or {}, expected)
+    _compare(path, prior_config_with_defaults(found.get("prior_config") or {}), expected)
     return ControlAdapter.from_pretrained(path, **kwargs)

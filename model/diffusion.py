@@ -6,6 +6,13 @@ diffusers' DPM-Solver++ (2nd order, N steps; section 8) or DDPM ancestral steps 
 under classifier-free guidance eps = (1 + gamma) eps_cond - gamma eps_uncond (eq. 4),
 both halves in one batched forward.
 
+What the network predicts is the prior's `prediction_type`: the paper's noise, or z_0
+(DALL-E 2's prior). The z_0 loss is the noise loss divided by the step's signal-to-noise
+ratio, so it weighs the noisy steps, where only the condition says where to go, far
+more: on the demo's world the prior learns its condition several times faster
+(docs/benchmarks.md). Guidance combines either prediction the same way: at a fixed z_n
+one is an affine function of the other.
+
 Scale: f_M's vectors are unit vectors, so each coordinate is about 1/sqrt(d_VL) while
 the noise is N(0, I): at d_VL = 1536 the signal would vanish under the first few
 percent of the schedule. Vectors are therefore multiplied by `embedding_scale` (default
@@ -53,7 +60,8 @@ def diffusion_loss(prior: FusionDiffPrior, cfg: DiffusionConfig, z0: torch.Tenso
                    cond_mask: torch.Tensor | None, adapter: ControlAdapter | None = None,
                    z_query: torch.Tensor | None = None, generator: torch.Generator | None = None,
                    scheduler: DDPMScheduler | None = None) -> torch.Tensor:
-    """The epsilon-prediction MSE of one batch (eqs. 3 and 5).
+    """The MSE of one batch (eqs. 3 and 5): to the noise, or to z_0 when the prior
+    predicts the sample (its config's prediction_type).
 
     With probability p_cfg a row's condition is dropped: its text in Stage 1, its text
     and z_{r,Delta} together in Stage 2, so that the unconditional branch is
@@ -73,7 +81,9 @@ def diffusion_loss(prior: FusionDiffPrior, cfg: DiffusionConfig, z0: torch.Tenso
     pred = prior(x_t.to(dtype), t, cond, cond_mask, drop_cond=drop, adapter=adapter,
                  z_query=None if z_query is None else z_query.to(dtype),
                  control_rows=~drop if adapter is not None else None)
-    return F.mse_loss(pred.float(), noise)
+    # `prior` may be wrapped (DDP): the module inside holds the config.
+    kind = getattr(prior, "module", prior).config.prediction_type
+    return F.mse_loss(pred.float(), x0 if kind == "sample" else noise)
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,8 @@ class GuidedSampler:
             )
 
     def guided_eps(self, prior, x, t, text, adapter, z_query) -> torch.Tensor:
-        """(1 + gamma) eps(x, t, c, z_q) - gamma eps(x, t, none, none), one forward of 2B rows.
+        """(1 + gamma) eps(x, t, c, z_q) - gamma eps(x, t, none, none), one forward of 2B rows
+        (of the prior's predictions: noise, or z_0).
 
         `text` is `guided_text`'s: both halves' text side, computed once per run.
         """
@@ -149,6 +160,13 @@ class GuidedSampler:
         )
         cond_eps, uncond_eps = eps[:b], eps[b:]
         return (1 + gamma) * cond_eps - gamma * uncond_eps
+
+    def predict(self, prediction_type: str) -> None:
+        """Reads the denoiser's output as `prediction_type` (the prior's, from its checkpoint)."""
+        if self.scheduler.config.prediction_type != prediction_type:
+            self.scheduler = type(self.scheduler).from_config(
+                self.scheduler.config, prediction_type=prediction_type
+            )
 
     def guided_text(self, prior, cond, cond_mask, b: int, adapter):
         """The text side of guidance's 2B rows: the conditions, then B rows dropped to none."""
@@ -184,6 +202,7 @@ class GuidedSampler:
         if z_query is not None:
             z_query = (z_query.float() * self.diffusion.scale(d)).to(prior.dtype)
         device = prior.device
+        self.predict(prior.config.prediction_type)
         if isinstance(generator, list):
             # A query's S samples draw from its generator one after the other.
             generator = [g for g in generator for _ in range(s)]

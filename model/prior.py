@@ -8,7 +8,8 @@ the paper), cut into p x p patches (256 tokens), and run through L encoder and L
 blocks (14 + 14 for DiT-XL/2): AdaLN time modulation, self-attention, cross-attention to
 the projected text tokens, FFN, each residual branch behind a zero-initialised gate
 (section 7, eqs. 11-16). Each encoder output feeds the matching decoder block in reverse
-order. The output is unpatchified and mapped back to R^d_VL, predicting the noise.
+order. The output is unpatchified and mapped back to R^d_VL, predicting the noise (the
+paper's eq. 16) or, with prediction_type "sample", z_0 itself (DALL-E 2's prior).
 
 The Control-Adapter (section 3.3, eq. 6) is a trainable copy of the encoder blocks fed
 z_{r,Delta} through a zero-initialised linear (Z1); each control block's output enters
@@ -186,7 +187,13 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         num_encoder_blocks, num_decoder_blocks: L each (14 and 14); they must be equal,
             each encoder output feeding one decoder block.
         frequency_size: sinusoidal features of the timestep before its MLP.
+        prediction_type: what the output is: "epsilon", the noise (eqs. 3 and 16), or
+            "sample", z_0 (see conf/base.yaml `prior.prediction_type`). It is the
+            network's meaning, so it lives in the checkpoint's config: the loss and the
+            sampler read it from there, and a checkpoint is never sampled as the other.
     """
+
+    PREDICTION_TYPES = ("epsilon", "sample")
 
     _supports_gradient_checkpointing = False
 
@@ -204,8 +211,12 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         num_encoder_blocks: int = 14,
         num_decoder_blocks: int = 14,
         frequency_size: int = 256,
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
+        if prediction_type not in self.PREDICTION_TYPES:
+            expected = ", ".join(self.PREDICTION_TYPES)
+            raise ValueError(f"prior.prediction_type={prediction_type!r}: expected one of {expected}")
         if num_encoder_blocks != num_decoder_blocks:
             raise ValueError(
                 f"num_encoder_blocks ({num_encoder_blocks}) must equal num_decoder_blocks "
@@ -338,7 +349,7 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         control_scale: float = 1.0,
         text: TextCondition | None = None,
     ) -> torch.Tensor:
-        """Predicted noise, (B, d_VL).
+        """The prediction (B, d_VL): the noise, or z_0 (config.prediction_type).
 
         cond, cond_mask: text tokens (B, K, cond_dim) and their mask (True = real token).
         drop_cond: (B,) rows whose text is replaced by the null condition (CFG).

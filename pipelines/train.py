@@ -31,7 +31,7 @@ import ray.train.torch
 import torch
 from omegaconf import OmegaConf
 
-from model.checkpoints import CheckpointMismatch, load_prior
+from model.checkpoints import CheckpointMismatch, load_prior, prior_config_with_defaults
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim, text_encoder_name
@@ -107,7 +107,7 @@ def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
     if newest is None:
         return
     found = read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
-    found = found if stage == "stage1" else (found.get("prior_config") or {})
+    found = prior_config_with_defaults(found if stage == "stage1" else (found.get("prior_config") or {}))
     diff = {k: (v, found.get(k)) for k, v in _expected(prior_config).items() if found.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: config {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items())

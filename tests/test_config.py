@@ -80,7 +80,7 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     ("train_stage1.ema_decay=1.0", "train_stage1.ema_decay=1.0: expected in [0, 1)"),
     ("nightly.stages=[ingest,captoin]", "nightly.stages=['ingest', 'captoin']: expected a list of ingest, caption"),
     ("eval.modes=[full,best]", "eval.modes=['full', 'best']: expected a list of full"),
-    ("train.num_workers=3", "train_stage1.batch_size=64: expected a multiple of train.num_workers=3"),
+    ("train.num_workers=3", "train_stage1.batch_size=128: expected a multiple of train.num_workers=3"),
     ("prior.num_heads=5", "prior.hidden_size=64: expected a multiple of prior.num_heads=5"),
     ("index.num_sub_vectors=7", "index.num_sub_vectors=7: expected a divisor of models.embedder.dim=64"),
     ("models.embedder.image_max_pixels=100", "models.embedder.image_max_pixels=100: expected >= models.embedder"),

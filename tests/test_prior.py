@@ -142,12 +142,15 @@ def test_guidance_combines_the_two_branches_in_one_forward():
 
 
 class PerfectPredictor(torch.nn.Module):
-    """Knows the clean vectors: returns the exact noise of any z_t (eq. 2 solved for eps)."""
+    """Knows the clean vectors: returns the exact noise of any z_t (eq. 2 solved for eps),
+    or the clean vectors themselves when it predicts the sample."""
 
-    def __init__(self, x0, diffusion):
+    def __init__(self, x0, diffusion, prediction_type="epsilon"):
         super().__init__()
         self.x0, self.abar = x0, ddpm_scheduler(diffusion).alphas_cumprod
-        self.config = type("C", (), {"d_vl": x0.shape[1]})()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # diffusion_loss reads a parameter's dtype
+        self.outputs = prediction_type
+        self.config = type("C", (), {"d_vl": x0.shape[1], "prediction_type": prediction_type})()
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
     def text_condition(self, *args, **kwargs):
@@ -156,18 +159,46 @@ class PerfectPredictor(torch.nn.Module):
     def forward(self, x, t, *args, **kwargs):
         a = self.abar[t.long()].view(-1, 1) if t.dim() else self.abar[t.long()]
         x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1)
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+        if self.outputs == "sample":
+            return x0 + 0 * self.weight
+        return (x - a.sqrt() * x0) / (1 - a).sqrt() + 0 * self.weight
 
 
+@pytest.mark.parametrize("prediction_type", FusionDiffPrior.PREDICTION_TYPES)
 @pytest.mark.parametrize("sampler, steps", [("dpmsolver++", 14), ("ddpm", 1000)])
-def test_sampler_with_a_perfect_predictor_recovers_the_vectors(sampler, steps):
+def test_sampler_with_a_perfect_predictor_recovers_the_vectors(sampler, steps, prediction_type):
     diffusion, sampling = conf()
     z0 = torch.nn.functional.normalize(torch.randn(4, D), dim=-1)
-    oracle = PerfectPredictor(z0 * diffusion.scale(D), diffusion)
+    oracle = PerfectPredictor(z0 * diffusion.scale(D), diffusion, prediction_type)
     s = GuidedSampler(diffusion, SamplerConfig(**{**sampling, "sampler": sampler, "num_steps": steps}))
     out = s.sample(oracle, torch.zeros(4, 1, COND), torch.ones(4, 1, dtype=torch.bool),
                    generator=torch.Generator().manual_seed(0))
     assert (out - z0).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("prediction_type", FusionDiffPrior.PREDICTION_TYPES)
+def test_the_loss_targets_what_the_prior_predicts(prediction_type):
+    """A predictor that knows the clean vectors has zero loss when the loss asks for what
+    it outputs, and a large one when the loss asks for the other."""
+    diffusion, _ = conf()
+    z0 = torch.nn.functional.normalize(torch.randn(64, D), dim=-1)
+    right = PerfectPredictor(z0 * diffusion.scale(D), diffusion, prediction_type)
+    other = "sample" if prediction_type == "epsilon" else "epsilon"
+    wrong = PerfectPredictor(z0 * diffusion.scale(D), diffusion, other)
+    wrong.config.prediction_type = prediction_type  # claims one, outputs the other
+    g = lambda: torch.Generator().manual_seed(0)
+    assert diffusion_loss(right, diffusion, z0, None, None, generator=g()) < 1e-8
+    assert diffusion_loss(wrong, diffusion, z0, None, None, generator=g()) > 0.1
+
+
+def test_prediction_type_is_kept_in_the_checkpoint_and_checked(tmp_path):
+    prior = FusionDiffPrior(**SIZES, prediction_type="sample")
+    prior.save_pretrained(tmp_path / "prior")
+    assert load_prior(str(tmp_path / "prior"), expected={**SIZES, "prediction_type": "sample"}).config.prediction_type == "sample"
+    with pytest.raises(CheckpointMismatch, match="prediction_type: expected 'epsilon', found 'sample'"):
+        load_prior(str(tmp_path / "prior"), expected={**SIZES, "prediction_type": "epsilon"})
+    with pytest.raises(ValueError, match="prior.prediction_type='v_prediction': expected one of epsilon, sample"):
+        FusionDiffPrior(**SIZES, prediction_type="v_prediction")
 
 
 def test_same_seed_same_samples_and_ensembles():
