@@ -77,7 +77,9 @@ def model_checks(cfg) -> list[Check]:
     def text_encoder() -> str:
         from transformers import AutoTokenizer
 
-        dim = text_encoder_dim(dict(te), dict(e))
+        # kind mllm: the embedder's text branch, read where the embedder is now (its base
+        # before the first night's finetune_embedder writes it).
+        dim = text_encoder_dim(dict(te), {**dict(e), "name_or_path": embedder})
         if te.kind == "t5":
             AutoTokenizer.from_pretrained(te.name_or_path)
         return f"{te.kind} {te.name_or_path if te.kind == 't5' else embedder}: conditions of size {dim}"

@@ -75,3 +75,7 @@ def test_an_embedder_the_nightly_fine_tunes_is_checked_as_its_base(tmp_path, tin
     assert checks["models.embedder: config, processor, tokenizer"].ok
     assert "(finetune_embedder's base)" in checks["models.embedder: config, processor, tokenizer"].detail
     assert checks["models.embedder: dim"].ok
+    # The demo's conditions come from the embedder's text branch: checked at the base too.
+    assert cfg.models.text_encoder.kind == "mllm"
+    assert checks["models.text_encoder: config, tokenizer"].ok, checks["models.text_encoder: config, tokenizer"]
+    assert tiny_models["mllm"] in checks["models.text_encoder: config, tokenizer"].detail
