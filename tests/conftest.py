@@ -23,7 +23,9 @@ def tiny_models(tmp_path_factory):
     cfg = load_config("conf/demo.yaml", [f"run_dir={root}", f"models.captioner.name_or_path={mllm}",
                                          f"models.embedder.name_or_path={mllm}",
                                          f"models.describer.name_or_path={mllm}",
-                                         "tiny_models.world.lm_steps=0", "tiny_models.world.embedder_steps=0"])
+                                         "tiny_models.world.lm_steps=0", "tiny_models.world.embedder_steps=0",
+                                         # The demo encodes with f_M's text branch; the T5 path is tested too.
+                                         "models.text_encoder.kind=t5"])
     build_demo_models(cfg)  # random: the world models are trained by the `synth` stage only
     return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
 
