@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from model.kinds import PREDICTION_TYPES
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -193,7 +195,7 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
             sampler read it from there, and a checkpoint is never sampled as the other.
     """
 
-    PREDICTION_TYPES = ("epsilon", "sample")
+    PREDICTION_TYPES = PREDICTION_TYPES
 
     _supports_gradient_checkpointing = False
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.errors import PipelineError
+from model.kinds import PREDICTION_TYPES
 from pipelines.registry import STAGES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -244,7 +245,7 @@ RULES: dict[str, Rule] = {
     **{f"prior.{k}": above(0) for k in ("map_channels", "map_size", "patch_size", "hidden_size", "num_heads",
                                           "mlp_ratio", "num_encoder_blocks", "num_decoder_blocks",
                                           "frequency_size")},
-    "prior.prediction_type": one_of("epsilon", "sample"),
+    "prior.prediction_type": one_of(*PREDICTION_TYPES),
     "diffusion.num_train_timesteps": POSITIVE,
     "diffusion.beta_schedule": one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
     "diffusion.beta_start": above(0),
