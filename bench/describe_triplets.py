@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from model.mllm import Captioner, load_mllm_from_conf
 from ops.images import load_image
-from ops.rank import describe_prompt
+from ops.rank import describe_targets
 from pipelines.config import load_config, plain
 
 
@@ -34,9 +34,8 @@ def main(src: str, dst: str, overrides: list[str]) -> None:
     for i in tqdm(range(0, len(rows), r["batch_size"]), desc="describe triplets"):
         chunk = rows[i : i + r["batch_size"]]
         images = [load_image(x["source_uri"], cfg["storage"]["s3"]) for x in chunk]
-        prompts = [describe_prompt(r["describe_template"], r["describe_template_no_concept"],
-                                   x["instruction"], None) for x in chunk]
-        written += describer.generate(images, prompts, r["describe_max_new_tokens"])
+        edits = [x["instruction"] for x in chunk]
+        written += describe_targets(describer, r, images, edits, [None] * len(chunk))
     exact = sum(w == x["target_description"] for w, x in zip(written, rows))
     col = table.schema.get_field_index("target_description")
     pq.write_table(table.set_column(col, "target_description", pa.array(written, pa.string())), dst)

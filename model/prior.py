@@ -195,8 +195,6 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
             sampler read it from there, and a checkpoint is never sampled as the other.
     """
 
-    PREDICTION_TYPES = PREDICTION_TYPES
-
     _supports_gradient_checkpointing = False
 
     @register_to_config
@@ -216,8 +214,8 @@ class FusionDiffPrior(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
     ):
         super().__init__()
-        if prediction_type not in self.PREDICTION_TYPES:
-            expected = ", ".join(self.PREDICTION_TYPES)
+        if prediction_type not in PREDICTION_TYPES:
+            expected = ", ".join(PREDICTION_TYPES)
             raise ValueError(f"prior.prediction_type={prediction_type!r}: expected one of {expected}")
         if num_encoder_blocks != num_decoder_blocks:
             raise ValueError(

@@ -59,6 +59,17 @@ def describe_prompt(template: str, template_no_concept: str, modification: str, 
     return template_no_concept.format(modification=modification)
 
 
+def describe_targets(describer, rank: dict, images: list, modifications: list[str],
+                     concepts: list[str | None]) -> list[str]:
+    """T~ of each (reference image, edit): the describer's words with conf `rank`'s
+    templates and length (fusion-diff section 6.3)."""
+    prompts = [
+        describe_prompt(rank["describe_template"], rank["describe_template_no_concept"], m, c)
+        for m, c in zip(modifications, concepts)
+    ]
+    return describer.generate(images, prompts, rank["describe_max_new_tokens"])
+
+
 def file_digest(uri: str, s3: dict | None) -> str:
     """sha256 (16 hex) of a file, local or s3://, read in 1 MiB pieces (checkpoints are GBs)."""
     fs, path = filesystem(uri, s3)
@@ -192,17 +203,8 @@ class QueryOp(ImageRowsOp):
         self.dim = emb["dim"]
 
     def _describe(self, images, rows) -> list[str]:
-        r = self.rank
-        prompts = [
-            describe_prompt(
-                r["describe_template"],
-                r["describe_template_no_concept"],
-                row["modification_text"],
-                row.get("shared_concept"),
-            )
-            for row in rows
-        ]
-        return self.describer.generate(images, prompts, r["describe_max_new_tokens"])
+        mods, concepts = [r["modification_text"] for r in rows], [r.get("shared_concept") for r in rows]
+        return describe_targets(self.describer, self.rank, images, mods, concepts)
 
     def _sample(self, texts: list[str], z_query: torch.Tensor | None, keys: list[str]) -> torch.Tensor:
         c, m = self.encoder.encode(texts)

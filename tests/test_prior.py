@@ -4,6 +4,7 @@ import torch
 
 from model.checkpoints import CheckpointMismatch, load_adapter, load_prior
 from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, ddpm_scheduler, diffusion_loss
+from model.kinds import PREDICTION_TYPES
 from model.prior import ControlAdapter, FusionDiffPrior
 
 from pipelines.config import load_config, plain
@@ -164,7 +165,7 @@ class PerfectPredictor(torch.nn.Module):
         return (x - a.sqrt() * x0) / (1 - a).sqrt() + 0 * self.weight
 
 
-@pytest.mark.parametrize("prediction_type", FusionDiffPrior.PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("sampler, steps", [("dpmsolver++", 14), ("ddpm", 1000)])
 def test_sampler_with_a_perfect_predictor_recovers_the_vectors(sampler, steps, prediction_type):
     diffusion, sampling = conf()
@@ -176,7 +177,7 @@ def test_sampler_with_a_perfect_predictor_recovers_the_vectors(sampler, steps, p
     assert (out - z0).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("prediction_type", FusionDiffPrior.PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_the_loss_targets_what_the_prior_predicts(prediction_type):
     """A predictor that knows the clean vectors has zero loss when the loss asks for what
     it outputs, and a large one when the loss asks for the other."""
