@@ -271,6 +271,7 @@ RULES: dict[str, Rule] = {
     "train.max_failures": COUNT,
     "train.log_every": POSITIVE,
     "train.shuffle_buffer": COUNT,
+    "train.materialize_max_rows": COUNT,
     "train_stage*.lr": above(0),
     "train_stage*.weight_decay": at_least(0),
     "train_stage*.adam_eps": above(0),

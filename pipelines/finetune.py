@@ -46,7 +46,7 @@ from model.training import (
     make_scheduler,
     save_training_state,
 )
-from ops.finetune import TEXT_TO_IMAGE_COLUMNS, target_text_rows, text_to_image_rows
+from ops.finetune import TARGET_TEXT_COLUMNS, TEXT_TO_IMAGE_COLUMNS, target_text_rows, text_to_image_rows
 from ops.images import ImageRejected, load_image
 from ops.storage import copy_dir, read_json
 from ops.triplets import TRIPLET_COLUMNS
@@ -58,6 +58,7 @@ from pipelines.ray_train import (
     TrainingError,
     finite_mean,
     fit,
+    in_key_order,
     maybe_inject_failure,
     newest_checkpoint,
     write_metrics,
@@ -65,7 +66,7 @@ from pipelines.ray_train import (
 )
 
 TRAINABLE_FILE = "trainable.safetensors"
-TASKS = ("text_to_image", "target_text")
+TASK_COLUMNS = {"text_to_image": TEXT_TO_IMAGE_COLUMNS, "target_text": TARGET_TEXT_COLUMNS}
 
 
 def _embedder_conf(cfg, device: str) -> dict:
@@ -259,7 +260,8 @@ def run(ctx: RunContext, faults: dict | None = None) -> Summary:
     ctx.require(f"finetune_embedder ({tc.num_workers} workers)", tc.num_workers * tc.cpus_per_worker,
                 tc.num_workers if tc.use_gpu else 0,
                 "train.num_workers, train.cpus_per_worker, train.use_gpu")
-    datasets = {t: ds.materialize() for t, ds in _datasets(ctx).items()}
+    # Kept whatever their size (a text and an image's uri a row), sorted by every column.
+    datasets = {t: in_key_order(ds, TASK_COLUMNS[t]) for t, ds in _datasets(ctx).items()}
     counts = {t: ds.count() for t, ds in datasets.items()}
     needs = {"text_to_image": "`caption` (captions of the images' current bytes)",
              "target_text": f"readable triplets in {cfg.catalogue.triplets}"}

@@ -1,6 +1,7 @@
 """What the Ray Train stages share (`train_stage1`, `train_stage2`, `finetune_embedder`):
-finding a run's newest checkpoint, ordered ingest, the all-reduced finite-loss check,
-the fault drills' switch, and the export of a run's metrics beside its model."""
+finding a run's newest checkpoint, the rows in key order and their ordered ingest, the
+all-reduced finite-loss check, the fault drills' switch, and the export of a run's
+metrics beside its model."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,22 @@ def ordered_ingest():
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
+
+
+def in_key_order(ds: ray.data.Dataset, key: str | list[str]) -> ray.data.Dataset:
+    """The dataset read once, sorted by `key` and kept in Ray's object store: every epoch
+    then reads it from there, in an order that does not depend on the order in which the
+    stage that wrote the rows committed them (a run from scratch trains on the batches
+    the last one did). `key` must tell rows apart, or be every column."""
+    return ds.sort(key).materialize()
+
+
+def training_rows(ds: ray.data.Dataset, rows: int, key: str, max_rows: int) -> ray.data.Dataset:
+    """What a training stage reads every epoch (conf train.materialize_max_rows): a table of
+    at most `max_rows` rows in_key_order (a read of the table costs about a second an
+    epoch however small it is: the demo's 50 epochs of 7 steps), a larger one streamed
+    from storage every epoch in its stored order."""
+    return in_key_order(ds, key) if rows <= max_rows else ds
 
 
 def finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:

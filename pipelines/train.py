@@ -58,11 +58,14 @@ from pipelines.ray_train import (
     fit,
     maybe_inject_failure,
     newest_checkpoint,
+    training_rows,
     write_metrics,
     write_stop,
 )
 
 MODEL_DIR, EMA_MODEL_DIR = "model", "ema_model"
+# What tells a training table's rows apart (the order training_rows puts them in).
+TABLE_KEYS = {"embeddings": "image_id", "stage1_examples": "image_id", "triplet_embeddings": "triplet_id"}
 
 
 
@@ -379,8 +382,11 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
         "prior_config": prior_config,
         "faults": faults,
     }
-    checkpoint = fit(train_loop, loop_config, tc, sc.run_name,
-                     {"train": read_table(lake, table, columns, filter=flt)}, lake.s3, f"train_{stage}")
+    key = TABLE_KEYS[table]
+    train_rows = training_rows(read_table(lake, table, [key, *columns], filter=flt), rows, key,
+                               tc.materialize_max_rows)
+    checkpoint = fit(train_loop, loop_config, tc, sc.run_name, {"train": train_rows}, lake.s3,
+                     f"train_{stage}")
     state = export(cfg, stage, checkpoint, lake.s3)
     resumed = before.get("step", 0)
     restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)

@@ -265,3 +265,35 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(lake_dir, tiny_m
     b = FusionDiffPrior.from_pretrained(killed.train_stage1.output).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in _metrics(clean.train_stage1.output)] == [r["loss"] for r in _metrics(killed.train_stage1.output)]
+
+
+def test_a_run_from_scratch_gets_the_same_batches_whatever_order_the_table_holds(tmp_path, lake_dir,
+                                                                                  tiny_models):
+    """A table small enough to keep (train.materialize_max_rows) is read in key order, so
+    Stage 1 on the same rows committed in another order (as another run of `embed`
+    commits them) ends with the same weights; streamed, the stored order is the order."""
+    from pipelines.common import read_table
+    from pipelines.ray_train import training_rows
+    from pipelines.context import RunContext
+
+    other = tmp_path / "reordered"
+    shutil.copytree(lake_dir, other, ignore=shutil.ignore_patterns("training", "out"))
+    uri = os.path.join(other, "lake", "embeddings.lance")
+    rows = lance.dataset(uri).to_table()
+    lance.write_dataset(rows.take(list(range(rows.num_rows))[::-1]), uri, mode="overwrite",
+                        max_rows_per_file=rows.num_rows // 3)
+    common = ("train_stage1.max_steps=6", "train_stage1.epochs=2")
+    cfgs = [_cfg(d, tiny_models, *common, "train_stage1.run_name=order",
+                 f"train_stage1.output={d}/out/order") for d in (lake_dir, other)]
+
+    def ids(cfg, max_rows):
+        lake = RunContext.create(cfg).lake
+        ds = read_table(lake, "embeddings", ["image_id"], filter="kind = 'pair'")
+        return [r["image_id"] for r in training_rows(ds, ds.count(), "image_id", max_rows).take_all()]
+
+    assert ids(cfgs[0], 0) != ids(cfgs[1], 0)  # the stored orders differ
+    assert ids(cfgs[0], 10**6) == ids(cfgs[1], 10**6) == sorted(ids(cfgs[0], 0))
+    for cfg in cfgs:
+        assert train(cfg, "stage1").written == 6
+    a, b = (FusionDiffPrior.from_pretrained(c.train_stage1.output).state_dict() for c in cfgs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
