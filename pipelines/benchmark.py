@@ -4,7 +4,7 @@ Loads the benchmark's official annotations (`eval.*`), writes them as the pipeli
 manifest and queries, runs ingest, caption, embed and index on its images, then the
 rank stage in every mode of `eval.modes` (and first, the gallery embedded with
 finetune_embedder.base, each mode of `eval.base_embedder_modes`: the embedder before
-fine-tuning), evaluates each ranking with the official metrics, and writes the modes
+fine-tuning; `embeddings` is then restored to its version before them), evaluates each ranking with the official metrics, and writes the modes
 side by side: `<eval.out_dir>/results.md` (Markdown),
 `results.json`, and a results page whose top holds the same table.
 """
@@ -63,18 +63,24 @@ def run(ctx: RunContext) -> str:
         print(c.lines[-1], flush=True)
         return evaluate.evaluate(b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3)))
 
-    results = {}
-    runs = [(ctx, e.modes, "", "")]
-    if e.base_embedder_modes:
-        # First, so that the lake ends with models.embedder's vectors, as the nightly left it.
-        base = ctx.with_settings(**{"models.embedder.name_or_path": cfg.finetune_embedder.base})
-        runs.insert(0, (base, e.base_embedder_modes, " (before fine-tuning)", "-before-finetune"))
-    for c, modes, suffix, tag in runs:
+    def through_stages(c: RunContext, modes, suffix: str, tag: str) -> None:
         for stage in ("ingest", "caption", "embed", "index"):
             c.lines.append(STAGES[stage].run(c).line())
             print(c.lines[-1], flush=True)
         for mode in modes:
             results[mode + suffix] = ranked(c, mode, mode + suffix, tag)
+
+    results = {}
+    if e.base_embedder_modes:
+        # The gallery embedded with the embedder before fine-tuning in versions of
+        # `embeddings` that are then set aside: the table is again what it was (the
+        # nightly's vectors and index), and the modes below embed only what it lacks.
+        base = ctx.with_settings(**{"models.embedder.name_or_path": cfg.finetune_embedder.base})
+        before = ctx.lake.open("embeddings")
+        through_stages(base, e.base_embedder_modes, " (before fine-tuning)", "-before-finetune")
+        if before is not None:
+            ctx.lake.restore("embeddings", before.version)
+    through_stages(ctx, e.modes, "", "")
     results[CHANCE] = evaluate.chance(b, cfg.seed)
     md = markdown(e.benchmark, e.split, results)
     write_bytes(f"{e.out_dir}/results.md", md.encode(), dict(cfg.storage.s3))

@@ -51,6 +51,11 @@ class Lake:
     def open_staging(self, stage: str) -> lance.LanceDataset | None:
         return open_dataset(self.staging_uri(stage), self.storage_options)
 
+    def restore(self, table: str, version: int) -> None:
+        """Makes `version` of `table` (its rows and indices) the newest again, in one new
+        commit; the versions between stay in its history until `compact` expires them."""
+        lance.dataset(self.uri(table), version=version, storage_options=self.storage_options).restore()
+
     def clear_staging(self, stage: str) -> None:
         """Removes a stage's staged rows (a crashed run's, or a committed run's)."""
         fs, path = filesystem(self.staging_uri(stage), self.s3)

@@ -137,3 +137,34 @@ def test_refusals_before_any_worker_starts(lake_dir, tiny_models):
     with pytest.raises(TrainingError, match=r"32 target-text rows, fewer than one batch \(finetune_embedder"
                                             r".batch_size=40\): needs readable triplets in"):
         finetune(cfg)
+
+
+def test_the_benchmarks_row_before_finetuning_leaves_the_embeddings_as_they_were(full, lake_dir, tiny_models,
+                                                                                  capsys):
+    """The benchmark's row of the embedder before fine-tuning embeds the gallery with
+    finetune_embedder.base, then restores `embeddings`: the fine-tuned modes find the
+    nightly's vectors and embed nothing again."""
+    from pipelines import benchmark
+    from pipelines.config import load_config
+    from pipelines.context import RunContext
+    from tests.conftest import tiny_overrides
+
+    cfg, _ = full
+    tuned = tiny_overrides(lake_dir, tiny_models, f"models.embedder.name_or_path={cfg.finetune_embedder.output}",
+                           f"finetune_embedder.base={tiny_models['mllm']}", "eval.modes=[query_only]",
+                           f"eval.out_dir={lake_dir}/eval")
+    bench = load_config(["conf/demo.yaml", "conf/eval/demo_cirr.yaml"], tuned)
+    run_stage(bench, "embed")  # what the nightly leaves: the fine-tuned embedder's vectors
+    uri = os.path.join(lake_dir, "lake", "embeddings.lance")
+    kept = lance.dataset(uri).to_table().sort_by([("image_id", "ascending"), ("kind", "ascending")])
+    capsys.readouterr()
+    benchmark.run(RunContext.create(bench))
+    embeds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[embed]")]
+    assert [line.split(" in ")[0] for line in embeds] == [
+        "[embed] read 48, written 48, skipped as unchanged 0, rejected 0, vectors 96",  # the base embedder's
+        "[embed] read 48, written 0, skipped as unchanged 48, rejected 0",
+    ]
+    after = lance.dataset(uri).to_table().sort_by([("image_id", "ascending"), ("kind", "ascending")])
+    assert after.equals(kept)
+    results = json.load(open(os.path.join(lake_dir, "eval", "results.json")))
+    assert {"query_only (before fine-tuning)", "query_only"} <= set(results)
