@@ -52,19 +52,31 @@ def joint_loss(
     references: Sequence[Image.Image],
     modifications: Sequence[str],
     target_texts: Sequence[str],
+    caption_image_keys: Sequence | None = None,
+    reference_keys: Sequence | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of both tasks' losses on one batch of each, and each task's
-    loss (detached) for the metrics log. A task with no rows contributes nothing."""
+    loss (detached) for the metrics log. A task with no rows contributes nothing.
+    caption_image_keys, reference_keys: what each image is (its bytes' sha256); given,
+    the embedder keeps each row's processed inputs for the next epochs
+    (models.embedder.input_cache_rows)."""
     parts, total = {}, None
+    keep = caption_image_keys is not None or reference_keys is not None
+
+    def text_keys(texts: Sequence[str]) -> list | None:
+        return [None] * len(texts) if keep else None  # a text-only row: its text is its key
+
     if caption_texts and tasks.weight_text_to_image > 0:
-        q = embedder.trainable_vectors(texts=caption_texts, side="query")
-        c = embedder.trainable_vectors(images=caption_images, side="candidate")
+        q = embedder.trainable_vectors(texts=caption_texts, side="query", image_keys=text_keys(caption_texts))
+        c = embedder.trainable_vectors(images=caption_images, side="candidate", image_keys=caption_image_keys)
         loss = info_nce(q, c, tasks.temperature)
         parts["loss_text_to_image"] = float(loss.detach())
         total = tasks.weight_text_to_image * loss
     if references and tasks.weight_target_text > 0:
-        q = embedder.trainable_vectors(images=references, texts=modifications, side="query")
-        c = embedder.trainable_vectors(texts=target_texts, side="candidate")
+        q = embedder.trainable_vectors(images=references, texts=modifications, side="query",
+                                       image_keys=reference_keys)
+        c = embedder.trainable_vectors(texts=target_texts, side="candidate",
+                                       image_keys=text_keys(target_texts))
         loss = info_nce(q, c, tasks.temperature)
         parts["loss_target_text"] = float(loss.detach())
         weighted = tasks.weight_target_text * loss

@@ -18,11 +18,14 @@ from model.mllm import MLLM, _user_turn
 
 
 def caption_loss(
-    mllm: MLLM, images: Sequence[Image.Image | None], prompts: Sequence[str], targets: Sequence[str]
+    mllm: MLLM, images: Sequence[Image.Image | None], prompts: Sequence[str], targets: Sequence[str],
+    image_keys: Sequence | None = None,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of each target given its image and prompt."""
+    """Mean next-token cross-entropy of each target given its image and prompt;
+    image_keys as `MLLM.encode`'s (rows met again reuse their processed prompt)."""
     conversations = [[_user_turn(im, p)] for im, p in zip(images, prompts)]
-    batch = mllm.encode(conversations, [im for im in images if im is not None], add_generation_prompt=True)
+    batch = mllm.encode(conversations, [im for im in images if im is not None], add_generation_prompt=True,
+                        image_keys=image_keys)
     tok = mllm.tokenizer
     answers = [tok(t + tok.eos_token, add_special_tokens=False)["input_ids"] for t in targets]
     rows, width = len(answers), max(len(a) for a in answers)

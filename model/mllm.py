@@ -6,6 +6,7 @@ read with `from_pretrained`; only the config differs.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -89,6 +90,12 @@ class MLLM:
     with normalize_on_device the processor leaves the pixels at 0-255 and the GPU
     rescales and normalises them (per channel, the slowest step on the CPU). Both give
     the processor's own inputs (tests/test_fast_paths.py).
+
+    input_cache_rows (conf models.<role>): training meets the same rows epoch after
+    epoch. `encode` given `image_keys` processes each row alone the first time, keeps
+    it (the newest input_cache_rows rows), and merges a batch from the kept rows as the
+    processor pads it: the same inputs, without the processor's time (a quarter of a
+    fine-tuning step of the demo's tiny MLLM). 0: nothing kept.
     """
 
     model: torch.nn.Module
@@ -99,15 +106,19 @@ class MLLM:
     image_max_pixels: int
     preprocess_threads: int = 1
     normalize_on_device: bool = False
+    input_cache_rows: int = 0
 
     @property
     def tokenizer(self):
         return self.processor.tokenizer
 
     def encode(self, conversations: Sequence[list], images: Sequence[Image.Image] | None,
-               add_generation_prompt: bool, suffix: str = "", max_length: int = 0) -> dict:
+               add_generation_prompt: bool, suffix: str = "", max_length: int = 0,
+               image_keys: Sequence | None = None) -> dict:
         """Chat conversations (+ their images, in order) to model inputs, left-padded;
-        max_length > 0 truncates each row to that many tokens (image tokens included)."""
+        max_length > 0 truncates each row to that many tokens (image tokens included).
+        image_keys: one per row, naming the content of the row's image (None for a row
+        without one); given, rows are kept and reused (input_cache_rows)."""
         texts = [
             self.processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=False)
             + suffix
@@ -119,8 +130,11 @@ class MLLM:
             kwargs["size"] = {"shortest_edge": self.image_min_pixels, "longest_edge": self.image_max_pixels}
             if self.normalize_on_device:
                 kwargs.update(do_rescale=False, do_normalize=False)
-        parts = self._parts(texts, list(images or []))
-        if len(parts) == 1:
+        reuse = image_keys is not None and self.input_cache_rows > 0
+        parts = None if reuse else self._parts(texts, list(images or []))
+        if reuse:
+            batch = self._from_kept_rows(texts, list(images or []), list(image_keys), kwargs)
+        elif len(parts) == 1:
             batch = self._process(*parts[0], kwargs)
         else:
             batch = _merge_left_padded(
@@ -136,6 +150,28 @@ class MLLM:
         return dict(
             self.processor(text=texts, images=images or None, return_tensors="pt", padding=True, **kwargs)
         )
+
+    def _from_kept_rows(self, texts: list[str], images: list[Image.Image], image_keys: list,
+                        kwargs: dict) -> dict:
+        if len(image_keys) != len(texts):
+            raise ValueError(f"encode got {len(image_keys)} image keys for {len(texts)} rows")
+        kept = self.__dict__.setdefault("_kept_rows", OrderedDict())
+        token, rows, used = self.processor.image_token, [], 0
+        for text, image_key in zip(texts, image_keys):
+            own = images[used : used + text.count(token)]
+            used += len(own)
+            # The rendered text (instruction, prompt, suffix), what the image is and how
+            # it is cut (truncation) decide a row's inputs.
+            key = (text, image_key, kwargs.get("max_length", 0))
+            row = kept.get(key)
+            if row is None:
+                row = kept[key] = self._process([text], own, kwargs)
+                if len(kept) > self.input_cache_rows:
+                    kept.popitem(last=False)
+            else:
+                kept.move_to_end(key)
+            rows.append(row)
+        return _merge_left_padded(rows, self.tokenizer.pad_token_id)
 
     def _parts(
         self, texts: list[str], images: list[Image.Image]
@@ -178,9 +214,10 @@ def _merge_left_padded(parts: list[dict], pad_id: int) -> dict:
     (the shape of input_ids) left-padded to the longest run, image tensors concatenated."""
     width = max(p["input_ids"].shape[1] for p in parts)
     out = {}
-    for key in parts[0]:
+    # A part without images has no image tensors (pixel_values, image_grid_thw).
+    for key in dict.fromkeys(k for p in parts for k in p):
         values = []
-        for p in parts:
+        for p in [p for p in parts if key in p]:
             v = p[key]
             if v.shape == p["input_ids"].shape and v.shape[1] < width:
                 fill = pad_id if key == "input_ids" else 0
@@ -201,6 +238,7 @@ def load_mllm(
     normalize_on_device: bool = False,
     vision_attention: str = "per_image",
     device_map: str | None = None,
+    input_cache_rows: int = 0,
 ) -> MLLM:
     """device_map "auto" shards the model over every GPU the process sees (a model larger
     than one GPU, such as the 72B describer); None puts it whole on `device`. On CUDA, a
@@ -235,6 +273,7 @@ def load_mllm(
         image_max_pixels,
         preprocess_threads,
         normalize_on_device,
+        input_cache_rows,
     )
 
 
@@ -251,6 +290,7 @@ def load_mllm_from_conf(m: dict) -> MLLM:
         normalize_on_device=m["normalize_on_device"],
         vision_attention=m["vision_attention"],
         device_map=m["device_map"],
+        input_cache_rows=m["input_cache_rows"],
     )
 
 
@@ -427,14 +467,15 @@ class FusedEmbedder:
 
     def trainable_vectors(
         self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None,
-        side: str = "candidate",
+        side: str = "candidate", image_keys: Sequence | None = None,
     ) -> torch.Tensor:
         """`embed`'s vectors with autograd on, left on the model's device: what
-        fine-tuning (model/contrastive.py) differentiates. Same inputs, same vectors."""
-        images, _, encode = self._inputs(images, texts, side)
+        fine-tuning (model/contrastive.py) differentiates. Same inputs, same vectors.
+        image_keys: as `MLLM.encode`'s (rows met again reuse their inputs)."""
+        images, _, encode = self._inputs(images, texts, side, image_keys)
         return self._unit_vectors(encode(list(range(len(images)))))
 
-    def _inputs(self, images, texts, side: str):
+    def _inputs(self, images, texts, side: str, image_keys: Sequence | None = None):
         """(images, texts, encode): the checked items, and a function from a list of item
         indices to the model inputs of those items."""
         if side not in SIDES:
@@ -458,9 +499,10 @@ class FusedEmbedder:
 
         def encode(rows: list[int]) -> dict:
             present = [images[i] for i in rows if images[i] is not None]
+            keys = None if image_keys is None else [image_keys[i] for i in rows]
             return self.mllm.encode(
                 [conversations[i] for i in rows], present, add_generation_prompt=True, suffix=self.end_token,
-                max_length=self.max_tokens,
+                max_length=self.max_tokens, image_keys=keys,
             )
 
         return images, texts, encode

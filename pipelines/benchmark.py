@@ -4,9 +4,10 @@ Loads the benchmark's official annotations (`eval.*`), writes them as the pipeli
 manifest and queries, runs ingest, caption, embed and index on its images, then the
 rank stage in every mode of `eval.modes` (and first, the gallery embedded with
 finetune_embedder.base, each mode of `eval.base_embedder_modes`: the embedder before
-fine-tuning; `embeddings` is then restored to its version before them), evaluates each ranking with the official metrics, and writes the modes
-side by side: `<eval.out_dir>/results.md` (Markdown),
-`results.json`, and a results page whose top holds the same table.
+fine-tuning; `embeddings` is then restored to its version before them), evaluates
+each ranking with the official metrics, and writes the modes side by side:
+`<eval.out_dir>/results.md` (Markdown), `results.json`, and a results page whose top
+holds the same table.
 """
 from __future__ import annotations
 

@@ -206,6 +206,7 @@ RULES: dict[str, Rule] = {
     "models.*.image_max_pixels": POSITIVE,
     "models.*.attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
     "models.*.preprocess_threads": POSITIVE,
+    "models.*.input_cache_rows": COUNT,
     "models.*.vision_attention": one_of("per_image", "padded", "flex"),
     "models.*.device_map": one_of(None, "auto"),
     "models.embedder.overlap_parts": POSITIVE,

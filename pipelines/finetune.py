@@ -192,6 +192,8 @@ def train_loop(config: dict) -> None:
                         list(tt["source_uri"]), list(tt["source_sha256"]), s3),
                     modifications=[] if tt is None else list(tt["instruction"]),
                     target_texts=[] if tt is None else list(tt["target_description"]),
+                    caption_image_keys=None if t2i is None else list(t2i["image_sha256"]),
+                    reference_keys=None if tt is None else list(tt["source_sha256"]),
                 )
             if faults.get("nan_at_step") == step:
                 loss = loss * float("nan")

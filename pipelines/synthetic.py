@@ -389,10 +389,13 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
             steps = w.lm_steps if kind == "lm" else w.embedder_steps
             bar = tqdm(range(steps), desc=f"world model {os.path.basename(path)} ({kind})", mininterval=5)
             for _ in bar:
-                batch = [rows[rng.randrange(len(rows))] for _ in range(w.batch_size)]
+                picks = [rng.randrange(len(rows)) for _ in range(w.batch_size)]
+                batch = [rows[i] for i in picks]
                 if kind == "lm":
                     images, prompts, answers = zip(*(_lm_example(cfg, r, rng) for r in batch))
-                    loss = caption_loss(mllm, images, prompts, answers)
+                    # A row's image is its index (its prompt is in the kept row's key):
+                    # 64,000 draws of about 8,000 (row, prompt) pairs at the demo's length.
+                    loss = caption_loss(mllm, images, prompts, answers, image_keys=picks)
                 else:
                     # Each row's item beside its edited twin, one attribute apart: the batch's
                     # hardest negatives, without which colour and background alone tell

@@ -197,6 +197,44 @@ def test_threaded_preprocessing_and_device_normalisation_give_the_processor_inpu
     assert (a["attention_mask"] == 0).any()
 
 
+def test_kept_rows_give_the_processor_inputs_and_are_not_processed_again(tiny_models, plain_mllm):
+    """models.<role>.input_cache_rows: rows encoded with image keys are processed alone,
+    kept, and merged into the batch the processor gives; met again (in another batch,
+    in another order) they are not processed again; the oldest go past the limit."""
+    kept = load_mllm(tiny_models["mllm"], image_min_pixels=3136, image_max_pixels=12544, input_cache_rows=6)
+    ims = images(5)
+    conv = [[{"role": "user", "content": ([{"type": "image"}] if i != 2 else [])
+              + ([{"type": "text", "text": t}] if t else [{"type": "text", "text": "what is it?"}])}]
+            for i, t in enumerate(TEXTS)]
+    with_image = [i for i in range(5) if i != 2]
+    keys = [None if i == 2 else f"image {i}" for i in range(5)]
+    calls = []
+    process = kept._process
+    kept._process = lambda texts, images, kwargs: calls.append(len(texts)) or process(texts, images, kwargs)
+
+    def both(rows: list[int]):
+        present = [ims[i] for i in rows if i in with_image]
+        a = plain_mllm.encode([conv[i] for i in rows], present, add_generation_prompt=True)
+        b = kept.encode([conv[i] for i in rows], present, add_generation_prompt=True,
+                        image_keys=[keys[i] for i in rows])
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+    both([0, 1, 2, 3, 4])
+    assert calls == [1] * 5  # each row alone, once
+    assert (kept.encode(conv[:1], ims[:1], add_generation_prompt=True)["attention_mask"] == 1).all()
+    assert calls == [1] * 6  # without keys: the processor as before, nothing kept
+    both([4, 2, 1])
+    assert calls == [1] * 6  # all three kept
+    other = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "another prompt"}]}]]
+    kept.encode(other, ims[:1], add_generation_prompt=True, image_keys=["image 0"])
+    kept.encode(other, ims[1:2], add_generation_prompt=True, image_keys=["image 1"])
+    assert calls == [1] * 8  # another text with the same image is another row
+    assert len(kept._kept_rows) == 6  # the limit: the oldest unused (rows 0 and 3) went
+    both([0])
+    assert calls == [1] * 9
+
+
 def test_embedder_fast_preprocessing_and_base_model_state(plain_mllm, fast_mllm):
     ims = images(5)
     plain_e = FusedEmbedder(plain_mllm, INSTRUCTION, INSTRUCTION, "<|endoftext|>")
