@@ -54,7 +54,10 @@ def in_key_order(ds: ray.data.Dataset, key: str | list[str]) -> ray.data.Dataset
     then reads it from there, in an order that does not depend on the order in which the
     stage that wrote the rows committed them (a run from scratch trains on the batches
     the last one did). `key` must tell rows apart, or be every column."""
-    return ds.sort(key).materialize()
+    # The sort's blocks end where sampled boundaries fall, which differ from run to run,
+    # and the local shuffle's draws depend on the blocks' sizes: equal blocks, in order.
+    ordered = ds.sort(key).materialize()
+    return ordered.repartition(ordered.num_blocks()).materialize()
 
 
 def training_rows(ds: ray.data.Dataset, rows: int, key: str, max_rows: int) -> ray.data.Dataset:

@@ -282,7 +282,8 @@ def test_a_run_from_scratch_gets_the_same_batches_whatever_order_the_table_holds
     rows = lance.dataset(uri).to_table()
     lance.write_dataset(rows.take(list(range(rows.num_rows))[::-1]), uri, mode="overwrite",
                         max_rows_per_file=rows.num_rows // 3)
-    common = ("train_stage1.max_steps=6", "train_stage1.epochs=2")
+    # A shuffle buffer smaller than the table: the batches depend on the blocks' sizes too.
+    common = ("train_stage1.max_steps=6", "train_stage1.epochs=2", "train.shuffle_buffer=4")
     cfgs = [_cfg(d, tiny_models, *common, "train_stage1.run_name=order",
                  f"train_stage1.output={d}/out/order") for d in (lake_dir, other)]
 
@@ -297,3 +298,30 @@ def test_a_run_from_scratch_gets_the_same_batches_whatever_order_the_table_holds
         assert train(cfg, "stage1").written == 6
     a, b = (FusionDiffPrior.from_pretrained(c.train_stage1.output).state_dict() for c in cfgs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rows_in_key_order_come_in_the_same_blocks_whatever_their_order(ray_local):
+    """in_key_order's blocks: the sort ends blocks where sampled boundaries fall, and the
+    local shuffle's draws depend on the blocks' sizes; the same rows in another order
+    and other blocks give the same rows, the same blocks and the same shuffled batches."""
+    import random
+
+    import ray
+
+    from pipelines.ray_train import in_key_order
+
+    rows = [{"key": f"k{i:04d}", "text": f"row {i}"} for i in range(1000)]
+    shuffled = random.Random(0).sample(rows, len(rows))
+
+    def seen(items, blocks):
+        ds = in_key_order(ray.data.from_items(items, override_num_blocks=blocks), ["key", "text"])
+        sizes = [len(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+        batches = [list(b["key"]) for b in ds.iter_batches(batch_size=16, local_shuffle_buffer_size=64,
+                                                           local_shuffle_seed=3, batch_format="pandas")]
+        return ds.take_all(), sizes, batches
+
+    a, b = seen(rows, 40), seen(shuffled, 40)
+    assert a[0] == b[0] == rows
+    assert a[1] == b[1] and len(set(a[1])) == 1  # equal blocks, in both
+    assert a[2] == b[2]
+    assert seen(shuffled, 40)[1:] == b[1:]  # and again
