@@ -94,8 +94,8 @@ class MLLM:
     input_cache_rows (conf models.<role>): training meets the same rows epoch after
     epoch. `encode` given `image_keys` processes each row alone the first time, keeps
     it (the newest input_cache_rows rows), and merges a batch from the kept rows as the
-    processor pads it: the same inputs, without the processor's time (a quarter of a
-    fine-tuning step of the demo's tiny MLLM). 0: nothing kept.
+    processor pads it: the same inputs, without the processor's time (a fifth of a
+    fine-tuning step of the demo's tiny MLLM: bench/input_cache.py). 0: nothing kept.
     """
 
     model: torch.nn.Module
