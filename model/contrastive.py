@@ -9,7 +9,15 @@ unlabeled images and fine-tunes the embedder on both at once:
   retrieves the target's text (candidate side) among the batch's target texts.
 
 Each is InfoNCE over the batch in the retrieval direction (the other rows of the batch
-are the negatives); the loss is their weighted sum. The `finetune_embedder` stage runs
+are the negatives); the loss is their weighted sum.
+
+A third task, off in MVFT-JI's recipe (weight 0), keeps what Fusion-Diff needs of the
+joint space: a fused pair f_M(I, T) (candidate side, as `embed` writes Stage 1's
+targets) retrieves its own image f_M(I) among the batch's images. The prior samples in
+the pairs' space and the gallery holds images alone, so a pair must stay where its
+image is; MVFT-JI's two tasks never meet a pair, and on the demo's world 18 epochs of
+them moved pairs away (a target's pair found its image at R@10 0.975 before, 0.45
+after: docs/benchmarks.md). The `finetune_embedder` stage runs
 this on Ray Train; the world model's training (issue 14's demo) can run it too.
 """
 from __future__ import annotations
@@ -31,6 +39,7 @@ class JointTasks:
     temperature: float
     weight_text_to_image: float
     weight_target_text: float
+    weight_pair_to_image: float
 
     @classmethod
     def from_conf(cls, section: dict) -> "JointTasks":
@@ -55,8 +64,9 @@ def joint_loss(
     caption_image_keys: Sequence | None = None,
     reference_keys: Sequence | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of both tasks' losses on one batch of each, and each task's
-    loss (detached) for the metrics log. A task with no rows contributes nothing.
+    """The weighted sum of the tasks' losses (the caption rows serve text-to-image and
+    pair-to-image), and each task's loss (detached) for the metrics log. A task with no
+    rows contributes nothing.
     caption_image_keys, reference_keys: what each image is (its bytes' sha256); given,
     the embedder keeps each row's processed inputs for the next epochs
     (models.embedder.input_cache_rows)."""
@@ -66,12 +76,21 @@ def joint_loss(
     def text_keys(texts: Sequence[str]) -> list | None:
         return [None] * len(texts) if keep else None  # a text-only row: its text is its key
 
-    if caption_texts and tasks.weight_text_to_image > 0:
-        q = embedder.trainable_vectors(texts=caption_texts, side="query", image_keys=text_keys(caption_texts))
+    if caption_texts and (tasks.weight_text_to_image > 0 or tasks.weight_pair_to_image > 0):
+        # The images are the candidates of both caption tasks: embedded once.
         c = embedder.trainable_vectors(images=caption_images, side="candidate", image_keys=caption_image_keys)
-        loss = info_nce(q, c, tasks.temperature)
-        parts["loss_text_to_image"] = float(loss.detach())
-        total = tasks.weight_text_to_image * loss
+        if tasks.weight_text_to_image > 0:
+            q = embedder.trainable_vectors(texts=caption_texts, side="query", image_keys=text_keys(caption_texts))
+            loss = info_nce(q, c, tasks.temperature)
+            parts["loss_text_to_image"] = float(loss.detach())
+            total = tasks.weight_text_to_image * loss
+        if tasks.weight_pair_to_image > 0:
+            p = embedder.trainable_vectors(images=caption_images, texts=caption_texts, side="candidate",
+                                           image_keys=caption_image_keys)
+            loss = info_nce(p, c, tasks.temperature)
+            parts["loss_pair_to_image"] = float(loss.detach())
+            weighted = tasks.weight_pair_to_image * loss
+            total = weighted if total is None else total + weighted
     if references and tasks.weight_target_text > 0:
         q = embedder.trainable_vectors(images=references, texts=modifications, side="query",
                                        image_keys=reference_keys)
@@ -82,5 +101,5 @@ def joint_loss(
         weighted = tasks.weight_target_text * loss
         total = weighted if total is None else total + weighted
     if total is None:
-        raise ValueError("joint_loss: both tasks are empty or weighted 0: nothing to train")
+        raise ValueError("joint_loss: every task is empty or weighted 0: nothing to train")
     return total, parts

@@ -377,9 +377,10 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
                        f">= {need} (the largest image's tokens, models.captioner.image_max_pixels / "
                        f"image_pixels_per_token, plus caption.max_new_tokens_long)"))
     f = cfg.finetune_embedder
-    if f.weight_text_to_image == 0 and f.weight_target_text == 0:
+    if f.weight_text_to_image == 0 and f.weight_target_text == 0 and f.weight_pair_to_image == 0:
         broken.append(("finetune_embedder.weight_target_text", 0,
-                       "> 0 when finetune_embedder.weight_text_to_image is 0 (one task at least)"))
+                       "> 0 when finetune_embedder.weight_text_to_image and weight_pair_to_image are 0 "
+                       "(one task at least)"))
     if str(f.output).startswith("s3://"):
         broken.append(("finetune_embedder.output", f.output,
                        "a filesystem path (embed loads it with from_pretrained, which reads folders)"))

@@ -3,7 +3,10 @@
 Two in-batch contrastive tasks trained jointly (model/contrastive.py): text-to-image,
 from `captions` (each caption of an image's current bytes -> that image), and target
 text, from the triplets manifest (reference image + instruction -> target description;
-the rows an MLLM writes from unlabeled images in production). Each step takes
+the rows an MLLM writes from unlabeled images in production). A third, not MVFT-JI's
+(finetune_embedder.weight_pair_to_image), reads the text-to-image rows: each fused
+(image, caption) pair -> its own image, which keeps Fusion-Diff's targets where the
+gallery's images are. Each step takes
 `finetune_embedder.batch_size` rows of each task, split over `train.num_workers`
 workers; a worker's other rows are its negatives.
 
@@ -237,7 +240,7 @@ def _datasets(ctx: RunContext) -> dict[str, ray.data.Dataset]:
     cfg, lake = ctx.cfg, ctx.lake
     f = cfg.finetune_embedder
     out = {}
-    if f.weight_text_to_image > 0:
+    if f.weight_text_to_image > 0 or f.weight_pair_to_image > 0:
         captions = read_table(lake, "captions", ["image_id", "sha256", f.caption_column])
         out["text_to_image"] = captions.map_batches(
             text_to_image_rows, batch_format="pyarrow",

@@ -12,7 +12,7 @@ from torch import nn
 from model.contrastive import JointTasks, info_nce, joint_loss
 from model.lora import LoRALinear, add_lora, merge_lora
 from model.mllm import FINETUNE_FILE, FusedEmbedder, embedder_id, load_mllm
-from pipelines.config import load_config, plain
+from pipelines.config import ConfigError, load_config, plain
 from pipelines.synthetic import Item, draw
 
 pytestmark = pytest.mark.fast
@@ -50,7 +50,7 @@ def test_joint_loss_has_gradients_for_both_tasks(tiny_models):
     rng = random.Random(0)
     items = [Item("circle", "red", "small", "left", "white"), Item("square", "blue", "large", "right", "black")]
     images = [draw(it, 64, rng) for it in items]
-    tasks = JointTasks(temperature=0.1, weight_text_to_image=1.0, weight_target_text=0.5)
+    tasks = JointTasks(temperature=0.1, weight_text_to_image=1.0, weight_target_text=0.5, weight_pair_to_image=0.0)
     loss, parts = joint_loss(embedder, tasks, [it.caption() for it in items], images, images,
                              ["make it a diamond", "change the colour to red"],
                              [it.description() for it in items])
@@ -62,8 +62,53 @@ def test_joint_loss_has_gradients_for_both_tasks(tiny_models):
     # trainable_vectors are embed's vectors
     with torch.no_grad():
         assert torch.allclose(embedder.trainable_vectors(images=images), embedder.embed(images=images), atol=1e-5)
-    with pytest.raises(ValueError, match="both tasks are empty"):
+    with pytest.raises(ValueError, match="every task is empty"):
         joint_loss(embedder, tasks, [], [], [], [], [])
+
+
+def test_the_pair_task_pulls_a_fused_pair_to_its_own_image(tiny_models):
+    """weight_pair_to_image: f_M(I, caption) (candidate side, as `embed` writes Stage 1's
+    targets) retrieves f_M(I) among the batch's images; a few steps of that task alone
+    lower its loss and widen the margin of each pair's cosine to its own image over the
+    others."""
+    cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}"])
+    embedder = FusedEmbedder.from_conf(plain(cfg.models.embedder))
+    rng = random.Random(1)
+    items = [Item(s, c, "large", p, b) for s, c, p, b in
+             [("circle", "red", "left", "white"), ("square", "blue", "right", "black"),
+              ("star", "green", "centre", "grey"), ("cross", "yellow", "left", "navy")]]
+    images, captions = [draw(it, 64, rng) for it in items], [it.caption() for it in items]
+    tasks = JointTasks(temperature=0.1, weight_text_to_image=0.0, weight_target_text=0.0, weight_pair_to_image=1.0)
+
+    def margin_and_hits() -> tuple[float, int]:
+        with torch.no_grad():
+            sims = embedder.embed(images=images, texts=captions) @ embedder.embed(images=images).T
+        own = sims.diag()
+        others = (sims.sum(1) - own) / (len(items) - 1)
+        return float((own - others).mean()), int((sims.argmax(1) == torch.arange(len(items))).sum())
+
+    params = [p for p in embedder.mllm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    margin_before, _ = margin_and_hits()  # the random tiny model: 0.08
+    losses = []
+    for _ in range(6):
+        loss, parts = joint_loss(embedder, tasks, captions, images, [], [], [])
+        assert set(parts) == {"loss_pair_to_image"}
+        assert loss.item() == pytest.approx(parts["loss_pair_to_image"], rel=1e-5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    margin, hits = margin_and_hits()
+    assert margin > margin_before + 0.3 and hits == len(items), (margin_before, margin, hits)  # 0.93 seen
+
+
+def test_at_least_one_finetuning_task_is_weighted():
+    off = ["finetune_embedder.weight_text_to_image=0", "finetune_embedder.weight_target_text=0"]
+    assert load_config("conf/demo.yaml", [*off, "finetune_embedder.weight_pair_to_image=1"])
+    with pytest.raises(ConfigError, match="one task at least"):
+        load_config("conf/demo.yaml", [*off, "finetune_embedder.weight_pair_to_image=0"])
 
 
 def test_a_new_finetuning_run_at_the_same_path_changes_the_embedder_id(tmp_path, tiny_models):
