@@ -80,7 +80,8 @@ def joint_loss(
         # The images are the candidates of both caption tasks: embedded once.
         c = embedder.trainable_vectors(images=caption_images, side="candidate", image_keys=caption_image_keys)
         if tasks.weight_text_to_image > 0:
-            q = embedder.trainable_vectors(texts=caption_texts, side="query", image_keys=text_keys(caption_texts))
+            q = embedder.trainable_vectors(texts=caption_texts, side="query",
+                                           image_keys=text_keys(caption_texts))
             loss = info_nce(q, c, tasks.temperature)
             parts["loss_text_to_image"] = float(loss.detach())
             total = tasks.weight_text_to_image * loss
