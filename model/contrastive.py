@@ -70,37 +70,37 @@ def joint_loss(
     caption_image_keys, reference_keys: what each image is (its bytes' sha256); given,
     the embedder keeps each row's processed inputs for the next epochs
     (models.embedder.input_cache_rows)."""
-    parts, total = {}, None
+    parts, weighted = {}, []
     keep = caption_image_keys is not None or reference_keys is not None
 
     def text_keys(texts: Sequence[str]) -> list | None:
         return [None] * len(texts) if keep else None  # a text-only row: its text is its key
 
+    def add(task: str, weight: float, queries: torch.Tensor, candidates: torch.Tensor) -> None:
+        loss = info_nce(queries, candidates, tasks.temperature)
+        parts[f"loss_{task}"] = float(loss.detach())
+        weighted.append(weight * loss)
+
     if caption_texts and (tasks.weight_text_to_image > 0 or tasks.weight_pair_to_image > 0):
         # The images are the candidates of both caption tasks: embedded once.
-        c = embedder.trainable_vectors(images=caption_images, side="candidate", image_keys=caption_image_keys)
+        images = embedder.trainable_vectors(images=caption_images, side="candidate",
+                                            image_keys=caption_image_keys)
         if tasks.weight_text_to_image > 0:
-            q = embedder.trainable_vectors(texts=caption_texts, side="query",
-                                           image_keys=text_keys(caption_texts))
-            loss = info_nce(q, c, tasks.temperature)
-            parts["loss_text_to_image"] = float(loss.detach())
-            total = tasks.weight_text_to_image * loss
+            add("text_to_image", tasks.weight_text_to_image,
+                embedder.trainable_vectors(texts=caption_texts, side="query",
+                                           image_keys=text_keys(caption_texts)),
+                images)
         if tasks.weight_pair_to_image > 0:
-            p = embedder.trainable_vectors(images=caption_images, texts=caption_texts, side="candidate",
-                                           image_keys=caption_image_keys)
-            loss = info_nce(p, c, tasks.temperature)
-            parts["loss_pair_to_image"] = float(loss.detach())
-            weighted = tasks.weight_pair_to_image * loss
-            total = weighted if total is None else total + weighted
+            add("pair_to_image", tasks.weight_pair_to_image,
+                embedder.trainable_vectors(images=caption_images, texts=caption_texts, side="candidate",
+                                           image_keys=caption_image_keys),
+                images)
     if references and tasks.weight_target_text > 0:
-        q = embedder.trainable_vectors(images=references, texts=modifications, side="query",
-                                       image_keys=reference_keys)
-        c = embedder.trainable_vectors(texts=target_texts, side="candidate",
-                                       image_keys=text_keys(target_texts))
-        loss = info_nce(q, c, tasks.temperature)
-        parts["loss_target_text"] = float(loss.detach())
-        weighted = tasks.weight_target_text * loss
-        total = weighted if total is None else total + weighted
-    if total is None:
+        add("target_text", tasks.weight_target_text,
+            embedder.trainable_vectors(images=references, texts=modifications, side="query",
+                                       image_keys=reference_keys),
+            embedder.trainable_vectors(texts=target_texts, side="candidate",
+                                       image_keys=text_keys(target_texts)))
+    if not weighted:
         raise ValueError("joint_loss: every task is empty or weighted 0: nothing to train")
-    return total, parts
+    return sum(weighted[1:], weighted[0]), parts
