@@ -20,6 +20,7 @@ or `instruction` picks the training condition as the stage does.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -37,12 +38,8 @@ from model.training import OptimConfig, apply_step, make_optimizer, make_schedul
 from ops.triplets import CONDITION_TEXTS
 from pipelines.config import load_config, plain
 
-
-def recall(vectors: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor) -> str:
-    s = F.normalize(vectors.float(), dim=-1) @ gallery.T
-    rank = (s > s[torch.arange(len(targets)), targets][:, None]).sum(1)
-    return (f"R@1 {100 * (rank < 1).float().mean():.1f} R@10 {100 * (rank < 10).float().mean():.1f} "
-            f"R@50 {100 * (rank < 50).float().mean():.1f}")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.prior_conditioning import ranks  # noqa: E402
 
 
 def train_prior(cfg, root: str, encoder, diffusion: DiffusionConfig, steps: int) -> FusionDiffPrior:
@@ -117,9 +114,9 @@ def main(run_dir: str, steps: int, stage1_steps: int, overrides: list[str]) -> N
     # What a prior that drew each target's own fused pair exactly would reach: the ceiling
     # of full and prior_only in this lake's space (finetune_embedder.weight_pair_to_image).
     own = torch.tensor(np.asarray([pair[queries[q]["target_id"]] for q in qids], np.float32))
-    print(f"oracle (the target's own pair vector): {recall(own, gallery, targets)}", flush=True)
-    print(f"query_only: {recall(zq, gallery, targets)}", flush=True)
-    print(f"prior_only: {recall(sample(), gallery, targets)}", flush=True)
+    print(f"oracle (the target's own pair vector): {ranks(own, gallery, targets)}", flush=True)
+    print(f"query_only: {ranks(zq, gallery, targets)}", flush=True)
+    print(f"prior_only: {ranks(sample(), gallery, targets)}", flush=True)
     adapter = ControlAdapter.from_prior(prior)
     sc = plain(cfg.train_stage2)
     optim = OptimConfig.from_conf(sc)
@@ -136,7 +133,7 @@ def main(run_dir: str, steps: int, stage1_steps: int, overrides: list[str]) -> N
         if step % max(1, steps // 4) == 0 or step == steps:
             adapter.eval()
             print(f"step {step} ({time.time() - t0:.0f}s) loss {loss.item():.4f}: full "
-                  f"{recall(sample(adapter), gallery, targets)}", flush=True)
+                  f"{ranks(sample(adapter), gallery, targets)}", flush=True)
             adapter.train()
 
 
