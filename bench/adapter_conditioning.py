@@ -8,15 +8,25 @@ out, as CIRR's metrics do: figures a query or two off the benchmark's). Printed 
 the oracle (each target's own fused pair vector: the best full and prior_only can do in
 this space), `query_only` (z_{r,Delta} itself) and `prior_only` (the same T~, no adapter).
 
-    .venv/bin/python bench/adapter_conditioning.py RUN_DIR STEPS [--stage1 STEPS1] [key=value ...]
+    .venv/bin/python bench/adapter_conditioning.py RUN_DIR STEPS [--stage1 STEPS1] [--validate N] [--every K] [--true-descriptions]
+        [key=value ...]
 
 --stage1 STEPS1: the prior trained here first (STEPS1 steps of batches drawn at random
 from the lake's pair vectors) instead of the lake's exported Stage 1 prior.
+--validate N: about N triplets are held out of the adapter's training, all those of a
+seeded draw of target items (none of them a target the adapter trains on, as the
+benchmark's targets are new to it), and at each evaluation their `full` samples (their
+own condition text and z_query) rank the distinct targets of all the triplets (one
+vector per target description): how long Stage 2 may train before it learns its
+triplets rather than edits, read off the training world, never off the benchmark.
+--every K: evaluate every K adapter steps (default: every quarter of STEPS).
+--true-descriptions: the benchmark's queries are sampled from their targets' true
+descriptions (the synthetic manifest's attributes) instead of the describer's T~.
 
 RUN_DIR: a demo run folder after `make demo` (its lake holds the prior, the triplets'
 vectors and the benchmark's query vectors). The overrides are conf/demo.yaml's
-(train_stage2.*, diffusion.*, sampling.*); `train_stage2.condition_text=description`
-or `instruction` picks the training condition as the stage does.
+(train_stage2.*, diffusion.*, sampling.*); the adapter trains on the condition text
+the lake's triplets stage wrote (train_stage2.condition_text when it ran).
 """
 from __future__ import annotations
 
@@ -35,8 +45,8 @@ from model.diffusion import DiffusionConfig, GuidedSampler, SamplerConfig, ddpm_
 from model.prior import ControlAdapter, FusionDiffPrior
 from model.text_encoder import load_text_encoder_from_conf
 from model.training import OptimConfig, apply_step, make_optimizer, make_scheduler
-from ops.triplets import CONDITION_TEXTS
 from pipelines.config import load_config, plain
+from pipelines.synthetic import ATTRIBUTES, Item
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.prior_conditioning import ranks  # noqa: E402
@@ -65,7 +75,7 @@ def train_prior(cfg, root: str, encoder, diffusion: DiffusionConfig, steps: int)
     return prior
 
 
-def main(run_dir: str, steps: int, stage1_steps: int, overrides: list[str]) -> None:
+def main(run_dir: str, steps: int, stage1_steps: int, validate: int, every: int, true_descriptions: bool, overrides: list[str]) -> None:
     cfg = load_config(["conf/demo.yaml", "conf/eval/demo_cirr.yaml"], [f"run_dir={run_dir}", *overrides])
     root, seed = cfg.storage.root, cfg.seed
     torch.manual_seed(seed)
@@ -87,10 +97,17 @@ def main(run_dir: str, steps: int, stage1_steps: int, overrides: list[str]) -> N
     targets = torch.tensor([ids.index(queries[q]["target_id"]) for q in qids])
     zq = torch.tensor(np.asarray([zq_of[q] for q in qids], np.float32))
     desc = [full[q] for q in qids]
+    if true_descriptions:
+        # Each target's own description, as the world writes it (the describer's T~ names a
+        # wrong shape or position for some): what a perfect describer would condition on.
+        items = {r["image_id"]: r for r in pq.read_table(f"{cfg.synthetic.out_dir}/manifest.parquet").to_pylist()}
+        desc = [Item(**{k: items[queries[q]["target_id"]][k] for k in ATTRIBUTES}).description() for q in qids]
 
+    # The condition the triplets stage wrote (train_stage2.condition_text when it ran).
+    col = "cond_text"
     trip = lance.dataset(f"{root}/triplet_embeddings.lance").to_table(
-        columns=["z_query", "z_target", CONDITION_TEXTS[cfg.train_stage2.condition_text]]).to_pylist()
-    col = CONDITION_TEXTS[cfg.train_stage2.condition_text]
+        columns=["triplet_id", "z_query", "z_target", "target_description", col]).to_pylist()
+    trip.sort(key=lambda r: r["triplet_id"])
     t_zq = torch.tensor(np.asarray([r["z_query"] for r in trip], np.float32))
     t_z0 = torch.tensor(np.asarray([r["z_target"] for r in trip], np.float32))
     encoder = load_text_encoder_from_conf(plain(cfg.models.text_encoder), plain(cfg.models.embedder))
@@ -117,6 +134,29 @@ def main(run_dir: str, steps: int, stage1_steps: int, overrides: list[str]) -> N
     print(f"oracle (the target's own pair vector): {ranks(own, gallery, targets)}", flush=True)
     print(f"query_only: {ranks(zq, gallery, targets)}", flush=True)
     print(f"prior_only: {ranks(sample(), gallery, targets)}", flush=True)
+    # The held-out triplets: every triplet of a seeded draw of targets until N are held
+    # (a target item recurs in the triplets, and the benchmark's targets are new to Stage 2).
+    first = {}
+    for n, r in enumerate(trip):
+        first.setdefault(r["target_description"], n)
+    distinct = list(first)
+    held, val = set(), []
+    for k in torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(val) >= validate:
+            break
+        held.add(distinct[k])
+        val += [n for n, r in enumerate(trip) if r["target_description"] == distinct[k]]
+    val = torch.tensor(sorted(val), dtype=torch.long)
+    train = torch.tensor([n for n, r in enumerate(trip) if r["target_description"] not in held])
+    v_gallery = F.normalize(t_z0[[first[d] for d in distinct]], dim=-1)
+    v_targets = torch.tensor([distinct.index(trip[int(n)]["target_description"]) for n in val])
+
+    def validation(adapter) -> str:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(val))]
+        with torch.no_grad():
+            z = GuidedSampler(diffusion, sampling).sample(prior, c[val], m[val], adapter, t_zq[val], generator=gens)
+        return f"; validation ({len(val)} held-out triplets) {ranks(z, v_gallery, v_targets)}"
+
     adapter = ControlAdapter.from_prior(prior)
     sc = plain(cfg.train_stage2)
     optim = OptimConfig.from_conf(sc)
@@ -125,23 +165,28 @@ def main(run_dir: str, steps: int, stage1_steps: int, overrides: list[str]) -> N
     sched = make_scheduler(opt, optim, steps)
     g, t0 = torch.Generator().manual_seed(seed), time.time()
     for step in range(1, steps + 1):
-        idx = torch.randint(0, len(trip), (sc["batch_size"],), generator=g)
+        idx = train[torch.randint(0, len(train), (sc["batch_size"],), generator=g)]
         loss = diffusion_loss(prior, diffusion, t_z0[idx], c[idx], m[idx], adapter=adapter, z_query=t_zq[idx],
                               generator=g, scheduler=noise)
         loss.backward()
         apply_step(opt, sched, params, optim.grad_clip)
-        if step % max(1, steps // 4) == 0 or step == steps:
+        if step % (every or max(1, steps // 4)) == 0 or step == steps:
             adapter.eval()
             print(f"step {step} ({time.time() - t0:.0f}s) loss {loss.item():.4f}: full "
-                  f"{ranks(sample(adapter), gallery, targets)}", flush=True)
+                  f"{ranks(sample(adapter), gallery, targets)}{validation(adapter) if validate else ''}",
+                  flush=True)
             adapter.train()
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    stage1 = 0
-    if "--stage1" in args:
-        i = args.index("--stage1")
-        stage1 = int(args[i + 1])
-        del args[i : i + 2]
-    main(args[0], int(args[1]), stage1, args[2:])
+    flags = {"--stage1": 0, "--validate": 0, "--every": 0}
+    for flag in flags:
+        if flag in args:
+            i = args.index(flag)
+            flags[flag] = int(args[i + 1])
+            del args[i : i + 2]
+    true_descriptions = "--true-descriptions" in args
+    args = [a for a in args if a != "--true-descriptions"]
+    main(args[0], int(args[1]), flags["--stage1"], flags["--validate"], flags["--every"], true_descriptions,
+         args[2:])

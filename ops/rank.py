@@ -163,6 +163,14 @@ RESOLVED_SCHEMA = pa.schema(
 )
 
 
+def describer_id(describer: dict, rank: dict) -> str:
+    """What a triplet's described condition depends on (the `describer` column of
+    `triplet_embeddings`): the describer's folder and a digest of the no-concept template
+    and the length, so that a change of any re-describes."""
+    settings = f"{rank['describe_template_no_concept']}|{rank['describe_max_new_tokens']}"
+    return f"{describer['name_or_path']} ({hashlib.sha256(settings.encode()).hexdigest()[:12]})"
+
+
 class QueryOp(ImageRowsOp):
     """Loads the mode's models once (per Ray actor); turns a batch of resolved queries
     into query vectors (B, S x d) and descriptions; rows it cannot use get a reject_reason.

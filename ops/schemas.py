@@ -90,7 +90,8 @@ def stage1_examples_schema(dim: int) -> pa.Schema:
 
 def triplet_embeddings_schema(dim: int) -> pa.Schema:
     """`triplet_embeddings` (triplet_id): Stage 2's inputs, z_{r,Delta} = f_M(I_r, T_Delta)
-    and z_t = f_M(I_t, T_t), with the condition text (and its tokens when precomputed)."""
+    and z_t = f_M(I_t, T_t), with the condition text (and its tokens when precomputed,
+    and the describer when it wrote the text)."""
     return pa.schema([
         pa.field("triplet_id", pa.string(), nullable=False),
         pa.field("source_uri", pa.string()),
@@ -104,6 +105,9 @@ def triplet_embeddings_schema(dim: int) -> pa.Schema:
         _vector("z_query", dim),
         _vector("z_target", dim),
         *COND_COLUMNS,
+        # The describer that wrote cond_text (train_stage2.condition_text: described), else
+        # null; last, so that a lake from before it gains it as a null column.
+        pa.field("describer", pa.string()),
     ])
 
 

@@ -3,23 +3,28 @@
 `hash_triplets` reads both images' bytes, so that unchanged triplets are skipped before
 any model runs (their bytes are read again by the embedding op: cheap beside f_M);
 `TripletEmbedOp` computes z_{r,Delta} = f_M(I_r, T_Delta) and z_t = f_M(I_t, T_t)
-(fusion-diff section 3.3), and the text condition's tokens when they are precomputed.
+(fusion-diff section 3.3), the condition text when the describer writes it, and the
+condition's tokens when they are precomputed.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
-from model.mllm import FusedEmbedder, embedder_id
+from model.mllm import Captioner, FusedEmbedder, embedder_id, load_mllm_from_conf
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_name
 from ops.base import ImageRowsOp
 from ops.conditions import conditions_to_arrow
 from ops.images import ImageLimits, ImageRejected, probe_image, sha256_hex
+from ops.rank import describe_targets, describer_id
 from ops.schemas import triplet_embeddings_schema, with_reject_reason
 from ops.storage import read_bytes
 from ops.tables import TableReader
 
 TRIPLET_COLUMNS = ["triplet_id", "source_uri", "instruction", "target_uri", "target_description"]
+# train_stage2.condition_text: a manifest column, or DESCRIBED: the describer's T~ of the
+# triplet's (source image, instruction), written as rank writes a query's.
 CONDITION_TEXTS = {"instruction": "instruction", "description": "target_description"}
+DESCRIBED = "described"
 
 
 def staged_schema(dim: int) -> pa.Schema:
@@ -49,11 +54,14 @@ def hash_triplets(batch: pa.Table, tables: TableReader | None, limits: dict, con
             cols[k].append(v)
     for k, v in cols.items():
         batch = batch.append_column(k, pa.array(v, pa.string()))
+    if condition_text == DESCRIBED:  # written by TripletEmbedOp's describer
+        return batch.append_column("cond_text", pa.nulls(batch.num_rows, pa.string()))
     return batch.append_column("cond_text", batch.column(CONDITION_TEXTS[condition_text]))
 
 
 class TripletEmbedOp(ImageRowsOp):
-    """Loads f_M once (and the text encoder when conditions are precomputed) per Ray actor."""
+    """Loads f_M once per Ray actor, and the describer when it writes the condition text
+    and the text encoder when conditions are precomputed."""
 
     image_columns = (("source_uri", "source_sha256"), ("target_uri", "target_sha256"))
 
@@ -66,6 +74,10 @@ class TripletEmbedOp(ImageRowsOp):
         if conf["train"]["text_conditions"] == "precomputed":
             self.encoder = load_text_encoder_from_conf(te, model)
             self.encoder_name = text_encoder_name(te, model)
+        self.describer, self.describer_name, self.rank = None, None, conf["rank"]
+        if conf["train_stage2"]["condition_text"] == DESCRIBED:
+            self.describer = Captioner(load_mllm_from_conf(conf["models"]["describer"]))
+            self.describer_name = describer_id(conf["models"]["describer"], conf["rank"])
         self.schema = staged_schema(model["dim"])
 
     def _row(self, row: dict) -> dict:
@@ -73,12 +85,17 @@ class TripletEmbedOp(ImageRowsOp):
             k: row.get(k)
             for k in self.schema.names
             if k not in ("z_query", "z_target", "cond_tokens", "cond_len")
-        } | {"model": self.model_name, "text_encoder": self.encoder_name}
+        } | {"model": self.model_name, "text_encoder": self.encoder_name, "describer": self.describer_name}
 
     def rejected(self, row: dict) -> list[dict]:
         return [self._row(row)]
 
     def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
+        if self.describer is not None:
+            # Triplets carry no shared concept: the no-concept template, as for such a query.
+            texts = describe_targets(self.describer, self.rank, [im[0] for im in images],
+                                     [r["instruction"] for r in rows], [None] * len(rows))
+            rows = [r | {"cond_text": t} for r, t in zip(rows, texts)]
         zq = self.embedder.embed(
             images=[im[0] for im in images], texts=[r["instruction"] for r in rows], side="query"
         ).numpy()

@@ -282,7 +282,7 @@ RULES: dict[str, Rule] = {
     "train_stage*.epochs": POSITIVE,
     "train_stage*.max_steps": COUNT,
     "train_stage*.ema_decay": below_one(),
-    "train_stage2.condition_text": one_of("instruction", "description"),
+    "train_stage2.condition_text": one_of("instruction", "description", "described"),
     "finetune_embedder.dtype": one_of("float32", "bfloat16"),
     "finetune_embedder.caption_column": one_of("caption_long", "caption_short"),
     "finetune_embedder.temperature": above(0),

@@ -220,6 +220,8 @@ def test_ray_job_submit_runs_stage1(tmp_path, lake_dir, tiny_models):
              f"models.captioner.name_or_path={tiny_models['mllm']}",
              f"models.describer.name_or_path={tiny_models['mllm']}",
              f"models.text_encoder.name_or_path={tiny_models['t5']}",
+             # The tests' batch: the lake holds 48 rows, the demo's batch is 128.
+             "train_stage1.batch_size=16",
              "train_stage1.run_name=submitted", "train_stage1.max_steps=4", f"train_stage1.output={out}"],
             env=env, capture_output=True, text=True, timeout=400)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
@@ -325,3 +327,38 @@ def test_rows_in_key_order_come_in_the_same_blocks_whatever_their_order(ray_loca
     assert a[1] == b[1] and len(set(a[1])) == 1  # equal blocks, in both
     assert a[2] == b[2]
     assert seen(shuffled, 40)[1:] == b[1:]  # and again
+
+
+def test_described_conditions_are_the_describers_T_tilde_and_redone_only_when_it_changes(tmp_path, tiny_models,
+                                                                                         ray_local):
+    """train_stage2.condition_text=described: each triplet's cond_text is what rank's
+    describer writes for its source image and instruction (no concept), its describer is
+    recorded, an unchanged rerun redoes nothing, and a change of condition redoes all."""
+    from PIL import Image
+
+    from model.mllm import Captioner, load_mllm_from_conf
+    from ops.rank import describe_targets
+    from pipelines.config import plain
+    from pipelines.synthetic import synth
+
+    cfg = tiny_config(tmp_path, tiny_models, "synthetic.num_triplets=6", "train_stage2.condition_text=described")
+    synth(cfg)
+    assert run_stage(cfg, "triplets").written == 6
+    rows = sorted(lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table().to_pylist(),
+                  key=lambda r: r["triplet_id"])
+    describer = Captioner(load_mllm_from_conf(plain(cfg.models.describer)))
+    images = [Image.open(r["source_uri"]).convert("RGB") for r in rows]
+    expected = describe_targets(describer, plain(cfg.rank), images, [r["instruction"] for r in rows], [None] * 6)
+    assert [r["cond_text"] for r in rows] == expected
+    assert all(r["describer"].startswith(cfg.models.describer.name_or_path) for r in rows)
+    assert run_stage(cfg, "triplets").written == 0
+
+    longer = tiny_config(tmp_path, tiny_models, "synthetic.num_triplets=6", "train_stage2.condition_text=described",
+                         "rank.describe_max_new_tokens=17")
+    assert run_stage(longer, "triplets").written == 6  # another describer setting: described again
+    plain_text = tiny_config(tmp_path, tiny_models, "synthetic.num_triplets=6",
+                             "train_stage2.condition_text=description")
+    assert run_stage(plain_text, "triplets").written == 6
+    rows = lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table().to_pylist()
+    assert all(r["cond_text"] == r["target_description"] and r["describer"] is None for r in rows)
+    assert run_stage(plain_text, "triplets").written == 0
