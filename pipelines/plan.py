@@ -41,9 +41,16 @@ def plan(cfg, images: int, queries: int, triplets: int | None = None) -> list[Pl
     def row(stage, work, unit, rate):
         return PlanRow(stage, float(work), unit, float(rate.per_s), str(rate.source))
 
+    # With train_stage2.condition_text: described the triplets stage runs the describer
+    # once per triplet (rank's length), at the captioner's rate: the same kind of model.
+    described = (
+        [row("triplets (describe)", triplets * cfg.rank.describe_max_new_tokens, "tokens", p.caption)]
+        if cfg.train_stage2.condition_text == "described" else []
+    )
     return [
         row("caption", images * cfg.caption.max_new_tokens_long, "tokens", p.caption),
         row("embed", images, "images", p.embed),
+        *described,
         row("train_stage1", images * cfg.train_stage1.epochs, "samples", p.train_stage1),
         row("train_stage2", triplets * cfg.train_stage2.epochs, "samples", p.train_stage2),
         row("rank (sampling)", queries, "queries", p.sample),

@@ -20,6 +20,13 @@ def test_plan_multiplies_the_work_of_each_stage_by_its_rate():
     assert rows["train_stage2"].work == 1000 * cfg.train_stage2.epochs  # one triplet per image by default
     assert rows["rank (exact search)"].work == 2 * 10 * 1000 * cfg.models.embedder.dim
     assert plan(cfg, images=1000, queries=10, triplets=50)[3].work == 50 * cfg.train_stage2.epochs
+    assert "triplets (describe)" not in rows  # the prod's Stage 2 trains on the instruction
+    # Stage 2 on the describer's T~: the triplets stage's describer at the captioner's rate.
+    described = {r.stage: r for r in plan(
+        load_config("conf/prod.yaml", ["plan.caption.per_s=100", "train_stage2.condition_text=described"]),
+        images=1000, queries=10, triplets=50)}
+    assert described["triplets (describe)"].work == 50 * cfg.rank.describe_max_new_tokens
+    assert described["triplets (describe)"].per_s == 100
     # Twice the GPUs, half the wall time; the GPU-hours stay.
     one, eight = render(list(rows.values()), 1), render(list(rows.values()), 8)
     total = sum(r.gpu_hours for r in rows.values())
