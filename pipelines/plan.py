@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.errors import PipelineError
+from ops.rank import needs
 
 
 class PlanError(PipelineError):
@@ -42,17 +43,25 @@ def plan(cfg, images: int, queries: int, triplets: int | None = None) -> list[Pl
         return PlanRow(stage, float(work), unit, float(rate.per_s), str(rate.source))
 
     # With train_stage2.condition_text: described the triplets stage runs the describer
-    # once per triplet (rank's length), at the captioner's rate: the same kind of model.
+    # once per triplet (rank's length).
     described = (
-        [row("triplets (describe)", triplets * cfg.rank.describe_max_new_tokens, "tokens", p.caption)]
+        [row("triplets (describe)", triplets * cfg.rank.describe_max_new_tokens, "tokens", p.describe)]
         if cfg.train_stage2.condition_text == "described" else []
+    )
+    # Rank's describer writes T~ for each query in the modes that read it (ops/rank.py needs).
+    rank_describe = (
+        [row("rank (describe)", queries * cfg.rank.describe_max_new_tokens, "tokens", p.describe)]
+        if "describer" in needs(cfg.rank.mode, cfg.rank.text_query) else []
     )
     return [
         row("caption", images * cfg.caption.max_new_tokens_long, "tokens", p.caption),
         row("embed", images, "images", p.embed),
+        # Two fused embeddings a triplet: z_{r,Delta} and z_t.
+        row("triplets (embed)", 2 * triplets, "images", p.embed),
         *described,
         row("train_stage1", images * cfg.train_stage1.epochs, "samples", p.train_stage1),
         row("train_stage2", triplets * cfg.train_stage2.epochs, "samples", p.train_stage2),
+        *rank_describe,
         row("rank (sampling)", queries, "queries", p.sample),
         row("rank (exact search)", 2.0 * queries * images * dim, "FLOP", p.search),
     ]

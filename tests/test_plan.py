@@ -19,14 +19,20 @@ def test_plan_multiplies_the_work_of_each_stage_by_its_rate():
     assert rows["train_stage1"].work == 1000 * cfg.train_stage1.epochs
     assert rows["train_stage2"].work == 1000 * cfg.train_stage2.epochs  # one triplet per image by default
     assert rows["rank (exact search)"].work == 2 * 10 * 1000 * cfg.models.embedder.dim
-    assert plan(cfg, images=1000, queries=10, triplets=50)[3].work == 50 * cfg.train_stage2.epochs
+    by_stage = {r.stage: r for r in plan(cfg, images=1000, queries=10, triplets=50)}
+    assert by_stage["train_stage2"].work == 50 * cfg.train_stage2.epochs
+    assert by_stage["triplets (embed)"].work == 2 * 50  # z_{r,Delta} and z_t
+    # The prod's mode (full) reads T~: the describer writes one per query.
+    assert rows["rank (describe)"].work == 10 * cfg.rank.describe_max_new_tokens
+    query_only = {r.stage for r in plan(load_config("conf/prod.yaml", ["rank.mode=query_only"]), 1000, 10)}
+    assert "rank (describe)" not in query_only
     assert "triplets (describe)" not in rows  # the prod's Stage 2 trains on the instruction
-    # Stage 2 on the describer's T~: the triplets stage's describer at the captioner's rate.
+    # Stage 2 on the describer's T~: the triplets stage runs the describer, at its own rate.
     described = {r.stage: r for r in plan(
-        load_config("conf/prod.yaml", ["plan.caption.per_s=100", "train_stage2.condition_text=described"]),
+        load_config("conf/prod.yaml", ["plan.describe.per_s=10", "train_stage2.condition_text=described"]),
         images=1000, queries=10, triplets=50)}
     assert described["triplets (describe)"].work == 50 * cfg.rank.describe_max_new_tokens
-    assert described["triplets (describe)"].per_s == 100
+    assert described["triplets (describe)"].per_s == described["rank (describe)"].per_s == 10
     # Twice the GPUs, half the wall time; the GPU-hours stay.
     one, eight = render(list(rows.values()), 1), render(list(rows.values()), 8)
     total = sum(r.gpu_hours for r in rows.values())
@@ -43,7 +49,7 @@ def test_the_prod_bill_of_33m_images_names_each_rate_source():
     # 33M captions x 120 tokens at 2,733 tokens/s: about 400 H100-hours (issue 15's bill).
     assert " 402.5 " in caption and "measured" in caption
     assert "assumed" in next(line for line in lines if line.startswith("train_stage2"))
-    assert lines[-1].startswith("[plan] 6 GPU stages")
+    assert lines[-1].startswith("[plan] 8 GPU stages")
 
 
 @pytest.mark.parametrize("call, message", [
