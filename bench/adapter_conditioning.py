@@ -75,7 +75,8 @@ def train_prior(cfg, root: str, encoder, diffusion: DiffusionConfig, steps: int)
     return prior
 
 
-def main(run_dir: str, steps: int, stage1_steps: int, validate: int, every: int, true_descriptions: bool, overrides: list[str]) -> None:
+def main(run_dir: str, steps: int, stage1_steps: int, validate: int, every: int, true_descriptions: bool,
+         overrides: list[str]) -> None:
     cfg = load_config(["conf/demo.yaml", "conf/eval/demo_cirr.yaml"], [f"run_dir={run_dir}", *overrides])
     root, seed = cfg.storage.root, cfg.seed
     torch.manual_seed(seed)
@@ -121,11 +122,14 @@ def main(run_dir: str, steps: int, stage1_steps: int, validate: int, every: int,
         prior = load_prior(cfg.train_stage1.output)
     prior.requires_grad_(False).eval()
 
-    def sample(adapter=None) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(qids))]
+    def draw(cond, mask, adapter=None, z_query=None) -> torch.Tensor:
+        """One sample per row, its noise seeded from its position."""
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(cond))]
         with torch.no_grad():
-            return GuidedSampler(diffusion, sampling).sample(
-                prior, cq, mq, adapter, zq if adapter is not None else None, generator=gens)
+            return GuidedSampler(diffusion, sampling).sample(prior, cond, mask, adapter, z_query, generator=gens)
+
+    def sample(adapter=None) -> torch.Tensor:
+        return draw(cq, mq, adapter, zq if adapter is not None else None)
 
     print(f"{len(qids)} queries, gallery {len(ids)}, {len(trip)} triplets, condition {col}", flush=True)
     # What a prior that drew each target's own fused pair exactly would reach: the ceiling
@@ -136,25 +140,24 @@ def main(run_dir: str, steps: int, stage1_steps: int, validate: int, every: int,
     print(f"prior_only: {ranks(sample(), gallery, targets)}", flush=True)
     # The held-out triplets: every triplet of a seeded draw of targets until N are held
     # (a target item recurs in the triplets, and the benchmark's targets are new to Stage 2).
-    first = {}
+    by_target: dict[str, list[int]] = {}
     for n, r in enumerate(trip):
-        first.setdefault(r["target_description"], n)
-    distinct = list(first)
-    held, val = set(), []
+        by_target.setdefault(r["target_description"], []).append(n)
+    distinct = list(by_target)
+    val, held = [], set()
     for k in torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist():
         if len(val) >= validate:
             break
-        held.add(distinct[k])
-        val += [n for n, r in enumerate(trip) if r["target_description"] == distinct[k]]
+        held.add(k)
+        val += by_target[distinct[k]]
     val = torch.tensor(sorted(val), dtype=torch.long)
-    train = torch.tensor([n for n, r in enumerate(trip) if r["target_description"] not in held])
-    v_gallery = F.normalize(t_z0[[first[d] for d in distinct]], dim=-1)
-    v_targets = torch.tensor([distinct.index(trip[int(n)]["target_description"]) for n in val])
+    train = torch.tensor(sorted(n for k, d in enumerate(distinct) if k not in held for n in by_target[d]))
+    v_gallery = F.normalize(t_z0[[by_target[d][0] for d in distinct]], dim=-1)
+    target_of = {n: k for k, d in enumerate(distinct) for n in by_target[d]}
+    v_targets = torch.tensor([target_of[int(n)] for n in val])
 
     def validation(adapter) -> str:
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(val))]
-        with torch.no_grad():
-            z = GuidedSampler(diffusion, sampling).sample(prior, c[val], m[val], adapter, t_zq[val], generator=gens)
+        z = draw(c[val], m[val], adapter, t_zq[val])
         return f"; validation ({len(val)} held-out triplets) {ranks(z, v_gallery, v_targets)}"
 
     adapter = ControlAdapter.from_prior(prior)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from model.errors import PipelineError
 from ops.rank import needs
+from ops.triplets import DESCRIBED
 
 
 class PlanError(PipelineError):
@@ -46,7 +47,7 @@ def plan(cfg, images: int, queries: int, triplets: int | None = None) -> list[Pl
     # once per triplet (rank's length).
     described = (
         [row("triplets (describe)", triplets * cfg.rank.describe_max_new_tokens, "tokens", p.describe)]
-        if cfg.train_stage2.condition_text == "described" else []
+        if cfg.train_stage2.condition_text == DESCRIBED else []
     )
     # Rank's describer writes T~ for each query in the modes that read it (ops/rank.py needs).
     rank_describe = (
