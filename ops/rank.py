@@ -80,11 +80,24 @@ def file_digest(uri: str, s3: dict | None) -> str:
     return h.hexdigest()[:16]
 
 
+def query_inputs(row: dict) -> dict:
+    """What a query is, whatever answers it: the reference's bytes (not its uri), the edit
+    and the shared concept."""
+    return {k: row.get(k) for k in ("reference_sha256", "modification_text", "shared_concept")}
+
+
 def query_key(row: dict, versions: dict) -> str:
-    """What a query's vector depends on: its inputs (the reference's bytes, not its uri) and
-    every model, checkpoint and setting of the mode. Equal keys give equal vectors."""
-    inputs = {k: row.get(k) for k in ("reference_sha256", "modification_text", "shared_concept")}
-    return hashlib.sha256(json.dumps([inputs, versions], sort_keys=True).encode()).hexdigest()
+    """What a query's vector depends on: its inputs and every model, checkpoint and setting
+    of the mode. Equal keys give equal vectors."""
+    return hashlib.sha256(json.dumps([query_inputs(row), versions], sort_keys=True).encode()).hexdigest()
+
+
+def noise_seed(row: dict, seed: int) -> int:
+    """A query's sampling noise, from its inputs alone: the same draw whatever its batch, and
+    whichever models and run folders answer it, so that two runs (a retrained prior, a clone
+    in another folder) differ by their models, not by their noise."""
+    digest = hashlib.sha256(json.dumps(query_inputs(row), sort_keys=True).encode()).hexdigest()
+    return seed + int(digest[:8], 16)
 
 
 def resolve(
@@ -177,10 +190,9 @@ class QueryOp(ImageRowsOp):
 
     The prior and adapter are read from `checkpoints` (their URIs, local or s3://): each
     actor fetches its own copy, since on a cluster it runs on a node other than the
-    driver's. Each query's sampling noise is seeded from its own key, so its vector is
-    the same whichever queries share its batch (the cache promises: equal keys, equal
-    vectors).
-    """
+    driver's. Each query's sampling noise is seeded from its own inputs (`noise_seed`), so
+    its vector is the same whichever queries share its batch (the cache promises: equal
+    keys, equal vectors)."""
 
     image_columns = (("reference_uri", "reference_sha256"),)
 
@@ -214,10 +226,10 @@ class QueryOp(ImageRowsOp):
         mods, concepts = [r["modification_text"] for r in rows], [r.get("shared_concept") for r in rows]
         return describe_targets(self.describer, self.rank, images, mods, concepts)
 
-    def _sample(self, texts: list[str], z_query: torch.Tensor | None, keys: list[str]) -> torch.Tensor:
+    def _sample(self, texts: list[str], z_query: torch.Tensor | None, rows: list[dict]) -> torch.Tensor:
         c, m = self.encoder.encode(texts)
         device = self.prior.device
-        generators = [torch.Generator().manual_seed(self.seed + int(k[:8], 16)) for k in keys]
+        generators = [torch.Generator().manual_seed(noise_seed(r, self.seed)) for r in rows]
         zq = None if z_query is None else z_query.to(device)
         z = self.sampler.sample(
             self.prior, c.to(device, self.prior.dtype), m.to(device), self.adapter, zq, generator=generators
@@ -226,11 +238,10 @@ class QueryOp(ImageRowsOp):
 
     def vectors(self, images: list, rows: list[dict]) -> tuple[torch.Tensor, list[str | None]]:
         """(B, S, d) query vectors and the descriptions (None where the mode writes none)."""
-        keys = [r["query_key"] for r in rows]
         mode, texts = self.mode, [r["modification_text"] for r in rows]
         if mode == "text":
             if self.prior is not None:
-                return self._sample(texts, None, keys).view(len(rows), -1, self.dim), texts
+                return self._sample(texts, None, rows).view(len(rows), -1, self.dim), texts
             return self.embedder.embed(texts=texts, side="query").unsqueeze(1), texts
         zq = (
             self.embedder.embed(images=images, texts=texts, side="query")
@@ -244,7 +255,7 @@ class QueryOp(ImageRowsOp):
             w = self.rank["joint_weight"]
             zt = self.embedder.embed(texts=desc, side="query")
             return (w * zq + (1 - w) * zt).unsqueeze(1), desc
-        z = self._sample(desc, zq if mode == "full" else None, keys)
+        z = self._sample(desc, zq if mode == "full" else None, rows)
         return z.view(len(rows), -1, self.dim), desc
 
     def rejected(self, row: dict) -> list[dict]:

@@ -351,8 +351,9 @@ def test_every_row_of_a_repeated_query_id_is_rejected():
 
 
 def test_a_query_vector_does_not_depend_on_its_batch(tmp_path_factory, tiny_models, checkpoints):
-    """Each query's noise comes from its own key: the same vector alone, in a batch of 8
-    and in another batch of 8 (the query_vectors cache promises equal keys, equal vectors)."""
+    """Each query's noise comes from its own inputs: the same vector alone, in a batch of 8
+    and in another batch of 8 (the query_vectors cache promises equal keys, equal vectors),
+    and under another key (another model folder): runs differ by their models, not their noise."""
     import random
 
     from ops.rank import QueryOp
@@ -372,9 +373,12 @@ def test_a_query_vector_does_not_depend_on_its_batch(tmp_path_factory, tiny_mode
     other = op.vectors([images[0]] + images[8:], [rows[0]] + rows[8:])[0][0]
     torch.testing.assert_close(first, alone, atol=1e-4, rtol=0)
     torch.testing.assert_close(other, alone, atol=1e-4, rtol=0)
-    # The noise is the query's own: the same query under another key samples another vector.
+    # The same inputs under another key (the models moved to another folder): the same draw.
     moved = op.vectors(images[:1], [dict(rows[0], query_key=_key("another"))])[0][0]
-    assert (moved - alone).abs().max() > 1e-2
+    torch.testing.assert_close(moved, alone, atol=1e-4, rtol=0)
+    # The noise is the query's own: other reference bytes (the same pixels here) draw other noise.
+    other_bytes = op.vectors(images[:1], [dict(rows[0], reference_sha256="0" * 64)])[0][0]
+    assert (other_bytes - alone).abs().max() > 1e-2
 
 
 def test_query_actors_fetch_their_own_checkpoint_copies(s3_lake, tiny_models):
