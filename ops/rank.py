@@ -177,10 +177,13 @@ RESOLVED_SCHEMA = pa.schema(
 
 
 def describer_id(describer: dict, rank: dict) -> str:
-    """What a triplet's described condition depends on (the `describer` column of
-    `triplet_embeddings`): the describer's folder and a digest of the no-concept template
-    and the length, so that a change of any re-describes."""
-    settings = f"{rank['describe_template_no_concept']}|{rank['describe_max_new_tokens']}"
+    """Who writes T~ (part of rank's query keys, and the `describer` column of
+    `triplet_embeddings`): the describer's folder and a digest of what it sees and writes
+    with (its pixel budget, the no-concept template, the length), so that a change of any
+    re-describes."""
+    seen = (describer.get("image_min_pixels"), describer.get("image_max_pixels"))
+    settings = "|".join(str(x) for x in (*seen, rank["describe_template_no_concept"],
+                                         rank["describe_max_new_tokens"]))
     return f"{describer['name_or_path']} ({hashlib.sha256(settings.encode()).hexdigest()[:12]})"
 
 

@@ -35,7 +35,8 @@ import ray
 from model.checkpoints import CheckpointMismatch
 from model.mllm import embedder_id
 from model.text_encoder import text_encoder_dim
-from ops.rank import RESULT_SCHEMA, GallerySearch, QueryOp, RankError, file_digest, needs, resolve
+from ops.rank import (RESULT_SCHEMA, GallerySearch, QueryOp, RankError, describer_id, file_digest, needs,
+                      resolve)
 from ops.schemas import GALLERY, RANKINGS, REJECT_REASON, query_vectors_schema, vector_dim
 from ops.storage import filesystem, is_s3, read_json, write_bytes
 from pipelines.common import (
@@ -186,12 +187,10 @@ def model_versions(ctx: RunContext, use: set[str]) -> dict:
     cfg, conf, m = ctx.cfg, ctx.conf, ctx.cfg.models
     out = {"mode": cfg.rank.mode, "seed": cfg.seed}
     if "describer" in use:
-        out.update(
-            describer=m.describer.name_or_path,
-            template=cfg.rank.describe_template,
-            template_nc=cfg.rank.describe_template_no_concept,
-            tokens=cfg.rank.describe_max_new_tokens,
-        )
+        # The triplets' `describer` column names it the same way; the concept template is
+        # rank's alone (a triplet has no shared concept).
+        out.update(describer=describer_id(conf["models"]["describer"], conf["rank"]),
+                   template=cfg.rank.describe_template)
     if "embedder" in use:
         out.update(embedder=embedder_id(conf["models"]["embedder"]))
     if "text_encoder" in use:

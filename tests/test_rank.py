@@ -452,3 +452,26 @@ def test_publish_appends_a_run_replaces_a_rerun_and_retention_drops_the_oldest(t
     assert {r["run_id"] for r in lake.open("rankings").to_table(columns=["run_id"]).to_pylist()} == {"r2", "r3"}
     assert not os.path.exists(rankings_parquet_uri(lake, "2026-11-24", "r1"))
     assert os.path.exists(rankings_parquet_uri(lake, "2026-11-24", "r3"))
+
+
+@pytest.mark.fast
+def test_a_query_key_changes_with_what_the_describer_sees_and_writes(tmp_path, tiny_models):
+    """Rank's keys name the describer as the triplets' `describer` column does (one
+    describer_id), plus the concept template only rank uses: a change of what the
+    describer sees or writes with re-describes every query, an unchanged config none."""
+    from ops.rank import describer_id
+    from pipelines.config import plain
+    from pipelines.context import RunContext
+    from pipelines.rank import model_versions
+
+    def versions(*extra):
+        cfg = tiny_config(tmp_path, tiny_models, "rank.mode=joint", *extra)
+        return cfg, model_versions(RunContext.create(cfg), {"describer"})
+
+    cfg, base = versions()
+    assert versions()[1] == base
+    assert base["describer"] == describer_id(plain(cfg.models.describer), plain(cfg.rank))
+    for change in ("rank.describe_max_new_tokens=17", "models.describer.image_max_pixels=4096",
+                   "rank.describe_template_no_concept='Describe {modification}.'",
+                   "rank.describe_template='Describe {modification} keeping {shared_concept}.'"):
+        assert versions(change)[1] != base, change
