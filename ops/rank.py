@@ -86,18 +86,21 @@ def query_inputs(row: dict) -> dict:
     return {k: row.get(k) for k in ("reference_sha256", "modification_text", "shared_concept")}
 
 
+def _json_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def query_key(row: dict, versions: dict) -> str:
     """What a query's vector depends on: its inputs and every model, checkpoint and setting
     of the mode. Equal keys give equal vectors."""
-    return hashlib.sha256(json.dumps([query_inputs(row), versions], sort_keys=True).encode()).hexdigest()
+    return _json_digest([query_inputs(row), versions])
 
 
 def noise_seed(row: dict, seed: int) -> int:
     """A query's sampling noise, from its inputs alone: the same draw whatever its batch, and
     whichever models and run folders answer it, so that two runs (a retrained prior, a clone
     in another folder) differ by their models, not by their noise."""
-    digest = hashlib.sha256(json.dumps(query_inputs(row), sort_keys=True).encode()).hexdigest()
-    return seed + int(digest[:8], 16)
+    return seed + int(_json_digest(query_inputs(row))[:8], 16)
 
 
 def resolve(
