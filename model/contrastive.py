@@ -70,37 +70,44 @@ def joint_loss(
     caption_image_keys, reference_keys: what each image is (its bytes' sha256); given,
     the embedder keeps each row's processed inputs for the next epochs
     (models.embedder.input_cache_rows)."""
-    parts, weighted = {}, []
     keep = caption_image_keys is not None or reference_keys is not None
+    n_captions, n_references = len(caption_texts), len(references)
+    image_keys = list(caption_image_keys or [None] * n_captions)
+    text_keys = [None] * n_captions  # a text-only row: its text is its key
+    # Every task's rows as (images, texts, side, keys) groups, embedded in one forward of
+    # the model: the tiny world models' steps are bound by per-call overhead, not by
+    # arithmetic (bench/finetune_step.py), and the rows are independent either way.
+    groups: dict[str, tuple] = {}
+    if caption_texts and (tasks.weight_text_to_image > 0 or tasks.weight_pair_to_image > 0):
+        # The images are the candidates of both caption tasks: embedded once.
+        groups["images"] = (list(caption_images), [None] * n_captions, "candidate", image_keys)
+        if tasks.weight_text_to_image > 0:
+            groups["captions"] = ([None] * n_captions, list(caption_texts), "query", text_keys)
+        if tasks.weight_pair_to_image > 0:
+            groups["pairs"] = (list(caption_images), list(caption_texts), "candidate", image_keys)
+    if references and tasks.weight_target_text > 0:
+        groups["queries"] = (list(references), list(modifications), "query",
+                             list(reference_keys or [None] * n_references))
+        groups["targets"] = ([None] * n_references, list(target_texts), "candidate", [None] * n_references)
+    if not groups:
+        raise ValueError("joint_loss: every task is empty or weighted 0: nothing to train")
+    images, texts, keys = ([row for g in groups.values() for row in g[i]] for i in (0, 1, 3))
+    sides = [side for g in groups.values() for side in [g[2]] * len(g[0])]
+    vectors = embedder.trainable_vectors(images=images, texts=texts, side=sides,
+                                         image_keys=keys if keep else None)
+    v = dict(zip(groups, vectors.split([len(g[0]) for g in groups.values()])))
 
-    def text_keys(texts: Sequence[str]) -> list | None:
-        return [None] * len(texts) if keep else None  # a text-only row: its text is its key
+    parts, weighted = {}, []
 
     def add(task: str, weight: float, queries: torch.Tensor, candidates: torch.Tensor) -> None:
         loss = info_nce(queries, candidates, tasks.temperature)
         parts[f"loss_{task}"] = float(loss.detach())
         weighted.append(weight * loss)
 
-    if caption_texts and (tasks.weight_text_to_image > 0 or tasks.weight_pair_to_image > 0):
-        # The images are the candidates of both caption tasks: embedded once.
-        images = embedder.trainable_vectors(images=caption_images, side="candidate",
-                                            image_keys=caption_image_keys)
-        if tasks.weight_text_to_image > 0:
-            add("text_to_image", tasks.weight_text_to_image,
-                embedder.trainable_vectors(texts=caption_texts, side="query",
-                                           image_keys=text_keys(caption_texts)),
-                images)
-        if tasks.weight_pair_to_image > 0:
-            add("pair_to_image", tasks.weight_pair_to_image,
-                embedder.trainable_vectors(images=caption_images, texts=caption_texts, side="candidate",
-                                           image_keys=caption_image_keys),
-                images)
-    if references and tasks.weight_target_text > 0:
-        add("target_text", tasks.weight_target_text,
-            embedder.trainable_vectors(images=references, texts=modifications, side="query",
-                                       image_keys=reference_keys),
-            embedder.trainable_vectors(texts=target_texts, side="candidate",
-                                       image_keys=text_keys(target_texts)))
-    if not weighted:
-        raise ValueError("joint_loss: every task is empty or weighted 0: nothing to train")
+    if "captions" in v:
+        add("text_to_image", tasks.weight_text_to_image, v["captions"], v["images"])
+    if "pairs" in v:
+        add("pair_to_image", tasks.weight_pair_to_image, v["pairs"], v["images"])
+    if "queries" in v:
+        add("target_text", tasks.weight_target_text, v["queries"], v["targets"])
     return sum(weighted[1:], weighted[0]), parts

@@ -51,5 +51,9 @@ def caption_loss(
             extended[key] = torch.cat([value, value.new_zeros((rows, width))], dim=1)
         else:
             extended[key] = value
-    labels = torch.cat([torch.full_like(prompt_ids, -100), labels.to(device)], dim=1)
-    return mllm.model(**extended, labels=labels, use_cache=False).loss
+    # Only the answer's columns are scored, so only they (and the prompt's last column,
+    # which predicts the answer's first token) go through the vocabulary projection and
+    # its softmax; the labels are those columns', unscored first.
+    keep = width + 1
+    labels = torch.cat([torch.full((rows, 1), -100, dtype=labels.dtype), labels], dim=1).to(device)
+    return mllm.model(**extended, labels=labels, logits_to_keep=keep, use_cache=False).loss

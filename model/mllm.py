@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, ProcessorMixin
 
 from model.errors import PipelineError
-from model.vision_attention import set_vision_attention
+from model.vision_attention import linear_patch_embed, set_vision_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -261,6 +261,7 @@ def load_mllm(
         **({"device_map": device_map} if device_map else {}),
     )
     set_vision_attention(model, vision_attention)
+    linear_patch_embed(model)
     if not device_map:
         model.to(device)
     model.eval()
@@ -467,20 +468,26 @@ class FusedEmbedder:
 
     def trainable_vectors(
         self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None,
-        side: str = "candidate", image_keys: Sequence | None = None,
+        side: str | Sequence[str] = "candidate", image_keys: Sequence | None = None,
     ) -> torch.Tensor:
         """`embed`'s vectors with autograd on, left on the model's device: what
         fine-tuning (model/contrastive.py) differentiates. Same inputs, same vectors.
-        image_keys: as `MLLM.encode`'s (rows met again reuse their inputs)."""
+        side: one for every row, or one per row (a training step's queries and
+        candidates of every task in one forward). image_keys: as `MLLM.encode`'s (rows
+        met again reuse their inputs)."""
         images, _, encode = self._inputs(images, texts, side, image_keys)
         return self._unit_vectors(encode(list(range(len(images)))))
 
-    def _inputs(self, images, texts, side: str, image_keys: Sequence | None = None):
+    def _inputs(self, images, texts, side: str | Sequence[str], image_keys: Sequence | None = None):
         """(images, texts, encode): the checked items, and a function from a list of item
-        indices to the model inputs of those items."""
-        if side not in SIDES:
-            raise ValueError(f"embed side={side!r}: expected one of {', '.join(SIDES)}")
+        indices to the model inputs of those items. side: one for all, or one per item."""
         n = len(images) if images is not None else len(texts)
+        sides = [side] * n if isinstance(side, str) else list(side)
+        for s in dict.fromkeys(sides):
+            if s not in SIDES:
+                raise ValueError(f"embed side={s!r}: expected one of {', '.join(SIDES)}")
+        if len(sides) != n:
+            raise ValueError(f"embed got {len(sides)} sides for {n} items: one, or one per item")
         images = list(images) if images is not None else [None] * n
         texts = list(texts) if texts is not None else [None] * n
         if len(images) != len(texts):
@@ -491,10 +498,10 @@ class FusedEmbedder:
         if self.pre_resize_pixels is not None:
             images = [None if im is None else pre_resize(im, *self.pre_resize_pixels, self.pre_resize_factor)
                       for im in images]
-        instruction = self.instructions[side]
         conversations = [
-            [{"role": "system", "content": [{"type": "text", "text": instruction}]}, _user_turn(im, t)]
-            for im, t in zip(images, texts)
+            [{"role": "system", "content": [{"type": "text", "text": self.instructions[s]}]},
+             _user_turn(im, t)]
+            for im, t, s in zip(images, texts, sides)
         ]
 
         def encode(rows: list[int]) -> dict:

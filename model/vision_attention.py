@@ -169,6 +169,39 @@ class PackedVisionAttention(nn.Module):
         return out.squeeze(0).transpose(0, 1)
 
 
+class LinearPatchEmbed(nn.Module):
+    """A Qwen-VL vision patch embedding as the one matrix product it is.
+
+    The original is a Conv3d whose kernel equals its stride and covers the whole patch
+    row, applied to a (patches, C, T, p, p) view of the patch rows: each output is the
+    patch row times the flattened kernel. As a convolution it costs the demo's tiny
+    vision tower a sixth of a fine-tuning step, backward mostly (bench/finetune_step.py);
+    as `F.linear` it is the same sums. `proj` is the original Conv3d, so the weights and
+    state-dict keys are unchanged.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.proj = original.proj
+        self.embed_dim = original.embed_dim
+        self.original = [original]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)
+        return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight.shape[1]), weight, self.proj.bias)
+
+
+def linear_patch_embed(model: nn.Module) -> nn.Module:
+    """Every Qwen-VL vision patch embedding of `model` as `LinearPatchEmbed`."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "patch_embed", None), (PatchEmbed, Qwen2_5_VisionPatchEmbed)):
+            module.patch_embed = LinearPatchEmbed(module.patch_embed)
+    return model
+
+
 def vision_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks of the Qwen-VL vision tower(s) inside `model` (a whole MLLM or a tower)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention

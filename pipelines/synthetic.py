@@ -281,11 +281,17 @@ def build_demo_models(cfg) -> list[str]:
 
     if not cfg.models.build_tiny:
         return []
+    # Every prompt the models are given, so that each is a few dozen tokens as Qwen's
+    # tokenizer makes it: without the describer's templates its prompt was 96 to 140
+    # tokens (words it had never met, spelt letter by letter), which made the world
+    # models' language-modelling rows 150 tokens long and every description slower.
     corpus = tokenizer_corpus() + [
         cfg.caption.prompt_long,
         cfg.caption.prompt_short,
         cfg.models.embedder.query_instruction,
         cfg.models.embedder.candidate_instruction,
+        cfg.rank.describe_template,
+        cfg.rank.describe_template_no_concept,
     ]
     built = []
     for path in sorted({model_source(cfg, role) for role in ("captioner", "embedder", "describer")}):
@@ -404,12 +410,15 @@ def train_world_models(cfg, built: list[str]) -> dict[str, float]:
                     items = [it for r in half for it in (r[0], r[3])]
                     images = [im for r in half for im in (r[1], r[4])]
                     texts = [it.caption() if rng.random() < 0.5 else it.description() for it in items]
-                    image = embedder.trainable_vectors(images=images, side="candidate")
-                    text = embedder.trainable_vectors(texts=texts, side="query")
                     # GME's one space: an image with its caption (the fused vectors Stage 1
                     # learns and Stage 2 aims at) lands where the image alone does, since
-                    # the gallery is ranked by the image alone.
-                    pair = embedder.trainable_vectors(images=images, texts=texts, side="candidate")
+                    # the gallery is ranked by the image alone. Images, texts and pairs go
+                    # through the model in one forward, as finetune's tasks do.
+                    n = len(images)
+                    image, text, pair = embedder.trainable_vectors(
+                        images=[*images, *[None] * n, *images], texts=[*[None] * n, *texts, *texts],
+                        side=["candidate"] * n + ["query"] * n + ["candidate"] * n,
+                    ).split(n)
                     loss = info_nce(text, image, w.temperature) + info_nce(pair, image, w.temperature)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(mllm.model.parameters(), 1.0)

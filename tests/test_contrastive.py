@@ -66,6 +66,39 @@ def test_joint_loss_has_gradients_for_both_tasks(tiny_models):
         joint_loss(embedder, tasks, [], [], [], [], [])
 
 
+def test_joint_loss_embeds_every_task_in_one_forward_with_the_vectors_of_one_call_each(tiny_models, monkeypatch):
+    """joint_loss puts the five groups of rows (images, captions, pairs, composed queries,
+    target texts) through the model once, each row with its own side's instruction; the
+    losses are those of embedding each group in a call of its own."""
+    cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}"])
+    embedder = FusedEmbedder.from_conf(plain(cfg.models.embedder))
+    rng = random.Random(2)
+    items = [Item("circle", "red", "small", "left", "white"), Item("square", "blue", "large", "right", "black"),
+             Item("star", "green", "large", "centre", "grey")]
+    images, captions = [draw(it, 64 + 16 * i, rng) for i, it in enumerate(items)], [it.caption() for it in items]
+    edits, targets = ["make it a diamond", "change the colour to red", "move it left"], [it.description() for it in items]
+    tasks = JointTasks(temperature=0.1, weight_text_to_image=1.0, weight_target_text=0.5, weight_pair_to_image=2.0)
+    forwards = []
+    base = embedder.mllm.model.base_model
+    monkeypatch.setattr(base, "forward", lambda *a, _f=base.forward, **k: forwards.append(1) or _f(*a, **k))
+    loss, parts = joint_loss(embedder, tasks, captions, images, images[::-1], edits, targets)
+    assert len(forwards) == 1
+    with torch.no_grad():
+        e = embedder.embed
+        image, caption, pair = e(images=images), e(texts=captions, side="query"), e(images=images, texts=captions)
+        query, target = e(images=images[::-1], texts=edits, side="query"), e(texts=targets)
+    want = {"loss_text_to_image": info_nce(caption, image, 0.1), "loss_pair_to_image": info_nce(pair, image, 0.1),
+            "loss_target_text": info_nce(query, target, 0.1)}
+    assert parts == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-4)
+    assert loss.item() == pytest.approx(float(want["loss_text_to_image"] + 2 * want["loss_pair_to_image"]
+                                              + 0.5 * want["loss_target_text"]), rel=1e-4)
+    # Per-row sides are checked as one side is.
+    with pytest.raises(ValueError, match="embed got 1 sides for 3 items"):
+        embedder.trainable_vectors(texts=captions, side=["query"])
+    with pytest.raises(ValueError, match="embed side='both'"):
+        embedder.trainable_vectors(texts=captions, side=["query", "both", "query"])
+
+
 def test_the_pair_task_pulls_a_fused_pair_to_its_own_image(tiny_models):
     """weight_pair_to_image: f_M(I, caption) (candidate side, as `embed` writes Stage 1's
     targets) retrieves f_M(I) among the batch's images; a few steps of that task alone

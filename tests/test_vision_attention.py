@@ -12,7 +12,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 import model.vision_attention as va
 from model.mllm import FusedEmbedder, load_mllm
-from model.vision_attention import PackedVisionAttention, set_vision_attention
+from model.vision_attention import LinearPatchEmbed, PackedVisionAttention, linear_patch_embed, set_vision_attention
 
 pytestmark = pytest.mark.fast
 
@@ -71,6 +71,30 @@ def test_packed_tower_equals_the_per_image_tower(make, mode, grids):
         got = tower(make, mode)(x, grid_thw=thw).pooler_output
     assert got.shape == want.shape
     assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("make", [qwen2_vl_tower, qwen2_5_vl_tower], ids=["qwen2_vl", "qwen2_5_vl"])
+def test_the_patch_embedding_as_a_matrix_product_is_the_convolution(make):
+    """LinearPatchEmbed (what load_mllm puts in every tower) against transformers' Conv3d:
+    the same patch embeddings, the same gradients and the same state-dict keys."""
+    model = tower(make, "per_image")
+    keys = sorted(model.state_dict())
+    x, thw = patches(MIXED)
+    conv = model.patch_embed
+    want = conv(x)
+    want.square().sum().backward()
+    want_grad = conv.proj.weight.grad.clone()
+    conv.proj.weight.grad = None
+    linear_patch_embed(model)
+    assert isinstance(model.patch_embed, LinearPatchEmbed) and model.patch_embed.proj is conv.proj
+    assert sorted(model.state_dict()) == keys
+    got = model.patch_embed(x)
+    got.square().sum().backward()
+    assert got.shape == want.shape == (x.shape[0], conv.embed_dim)
+    assert rel(got, want) < 1e-5 and rel(conv.proj.weight.grad, want_grad) < 1e-5
+    # Applied twice, it stays one layer deep.
+    linear_patch_embed(model)
+    assert model.patch_embed.proj is conv.proj and model.patch_embed.original[0] is conv
 
 
 def test_layout_is_worked_out_once_per_forward_not_per_layer(monkeypatch):

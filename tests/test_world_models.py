@@ -97,3 +97,38 @@ def test_no_training_row_holds_a_held_out_query_item(tmp_path):
     for _ in range(500):
         src, _, _, tgt = training_edit(rng, held)
         assert src not in held and tgt not in held
+
+
+@pytest.mark.fast
+def test_the_language_modelling_loss_scores_the_answers_alone(tiny_models):
+    """caption_loss projects only the answer columns onto the vocabulary; its loss is the
+    mean cross-entropy of every answer token (end token included) computed from the
+    model's logits at every position, and nothing of the prompt is scored."""
+    import torch.nn.functional as F
+
+    from model.lm_loss import caption_loss
+    from model.mllm import _user_turn
+
+    cfg = load_config("conf/demo.yaml", [f"models.captioner.name_or_path={tiny_models['mllm']}"])
+    mllm = load_mllm_from_conf(plain(cfg.models.captioner))
+    rng = random.Random(3)
+    items = [random_item(rng) for _ in range(3)]
+    images = [draw(it, cfg.synthetic.image_size, rng) for it in items]
+    prompts = [cfg.caption.prompt_short, cfg.caption.prompt_long, "Describe it after: make it red."]
+    answers = [items[0].caption(), items[1].description(), "a red circle"]
+    got = caption_loss(mllm, images, prompts, answers)
+
+    tok, nll, count = mllm.tokenizer, 0.0, 0
+    with torch.no_grad():
+        for image, prompt, answer in zip(images, prompts, answers):
+            batch = mllm.encode([[_user_turn(image, prompt)]], [image], add_generation_prompt=True)
+            ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+            full = {**batch, "input_ids": torch.cat([batch["input_ids"], torch.tensor([ids])], 1),
+                    "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + len(ids), dtype=torch.long),
+                    "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros(1, len(ids),
+                                                                                           dtype=torch.long)], 1)}
+            logits = mllm.model(**full, use_cache=False).logits[0]
+            start = batch["input_ids"].shape[1]
+            nll += float(F.cross_entropy(logits[start - 1:-1], torch.tensor(ids), reduction="sum"))
+            count += len(ids)
+    assert got.item() == pytest.approx(nll / count, rel=1e-4)
