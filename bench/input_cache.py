@@ -27,11 +27,10 @@ from ops.images import load_image
 from pipelines.config import load_config, plain
 
 
-def main(run_dir: str, batches: int, overrides: list[str]) -> dict:
-    cfg = load_config(["conf/demo.yaml"], [f"run_dir={run_dir}", *overrides])
+def finetune_batches(cfg, batches: int) -> list[dict]:
+    """`batches` of joint_loss's keyword arguments, finetune_embedder.batch_size rows of
+    each task, from a finished demo run: the lake's captions and images, the triplets."""
     f, size = cfg.finetune_embedder, cfg.finetune_embedder.batch_size
-    conf = {**plain(cfg.models.embedder), "name_or_path": f.base, "dtype": f.dtype}
-    kept_rows = conf["input_cache_rows"] or 4 * batches * size
     lake = cfg.storage.root
     captions = lance.dataset(f"{lake}/captions.lance").to_table(
         columns=["image_id", "sha256", f.caption_column]).to_pylist()
@@ -39,7 +38,7 @@ def main(run_dir: str, batches: int, overrides: list[str]) -> dict:
         columns=["image_id", "uri"]).to_pylist()}
     triplets = pq.read_table(cfg.catalogue.triplets).to_pylist()
     if min(len(captions), len(triplets)) < batches * size:
-        raise SystemExit(f"{run_dir}: {len(captions)} captions and {len(triplets)} triplets, fewer than "
+        raise SystemExit(f"{cfg.run_dir}: {len(captions)} captions and {len(triplets)} triplets, fewer than "
                          f"{batches} batches of {size}")
     rows = []
     for b in range(batches):
@@ -53,6 +52,15 @@ def main(run_dir: str, batches: int, overrides: list[str]) -> dict:
             caption_image_keys=[r["sha256"] for r in c],
             reference_keys=[r["source_uri"] for r in t],
         ))
+    return rows
+
+
+def main(run_dir: str, batches: int, overrides: list[str]) -> dict:
+    cfg = load_config(["conf/demo.yaml"], [f"run_dir={run_dir}", *overrides])
+    f, size = cfg.finetune_embedder, cfg.finetune_embedder.batch_size
+    conf = {**plain(cfg.models.embedder), "name_or_path": f.base, "dtype": f.dtype}
+    kept_rows = conf["input_cache_rows"] or 4 * batches * size
+    rows = finetune_batches(cfg, batches)
     tasks = JointTasks.from_conf(plain(f))
     out = {"batches": batches, "rows_a_step": 2 * size}
     losses = {}
