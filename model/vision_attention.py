@@ -174,9 +174,9 @@ class LinearPatchEmbed(nn.Module):
 
     The original is a Conv3d whose kernel equals its stride and covers the whole patch
     row, applied to a (patches, C, T, p, p) view of the patch rows: each output is the
-    patch row times the flattened kernel. As a convolution it costs the demo's tiny
-    vision tower a sixth of a fine-tuning step, backward mostly (bench/finetune_step.py);
-    as `F.linear` it is the same sums. `proj` is the original Conv3d, so the weights and
+    patch row times the flattened kernel. As a convolution (oneDNN's Conv3d, backward
+    mostly) it cost the demo's fine-tuning step about a tenth of its time on a CPU
+    (bench/finetune_step.py); as `F.linear` it is the same sums. `proj` is the original Conv3d, so the weights and
     state-dict keys are unchanged.
     """
 
