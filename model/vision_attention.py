@@ -176,8 +176,8 @@ class LinearPatchEmbed(nn.Module):
     row, applied to a (patches, C, T, p, p) view of the patch rows: each output is the
     patch row times the flattened kernel. As a convolution (oneDNN's Conv3d, backward
     mostly) it cost the demo's fine-tuning step about a tenth of its time on a CPU
-    (bench/finetune_step.py); as `F.linear` it is the same sums. `proj` is the original Conv3d, so the weights and
-    state-dict keys are unchanged.
+    (bench/finetune_step.py); as `F.linear` it is the same sums. `proj` is the original
+    Conv3d, so the weights and state-dict keys are unchanged.
     """
 
     def __init__(self, original: nn.Module):
