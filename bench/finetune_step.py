@@ -40,7 +40,7 @@ from pipelines.config import load_config, plain
 from pipelines.synthetic import _lm_example, _world_rows
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.input_cache import finetune_batches  # noqa: E402
+from bench.input_cache import finetune_batches, run_cli  # noqa: E402
 
 BATCHES = 3
 
@@ -138,8 +138,4 @@ def main(run_dir: str, steps: int, overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args:
-        raise SystemExit(__doc__)
-    count = int(args[1]) if len(args) > 1 and "=" not in args[1] else 20
-    main(args[0], count, [a for a in args[1:] if "=" in a])
+    run_cli(main, 20, __doc__)

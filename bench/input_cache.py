@@ -85,9 +85,14 @@ def main(run_dir: str, batches: int, overrides: list[str]) -> dict:
     return out
 
 
-if __name__ == "__main__":
+def run_cli(main, default_count: int, usage: str) -> None:
+    """`RUN_DIR [COUNT] [key=value ...]` from the command line, to main(run_dir, count, overrides)."""
     args = sys.argv[1:]
     if not args:
-        raise SystemExit(__doc__)
-    count = int(args[1]) if len(args) > 1 and "=" not in args[1] else 40
+        raise SystemExit(usage)
+    count = int(args[1]) if len(args) > 1 and "=" not in args[1] else default_count
     main(args[0], count, [a for a in args[1:] if "=" in a])
+
+
+if __name__ == "__main__":
+    run_cli(main, 40, __doc__)
