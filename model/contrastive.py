@@ -70,13 +70,12 @@ def joint_loss(
     caption_image_keys, reference_keys: what each image is (its bytes' sha256); given,
     the embedder keeps each row's processed inputs for the next epochs
     (models.embedder.input_cache_rows)."""
-    keep = caption_image_keys is not None or reference_keys is not None
     n_captions, n_references = len(caption_texts), len(references)
     image_keys = list(caption_image_keys or [None] * n_captions)
     text_keys = [None] * n_captions  # a text-only row: its text is its key
     # Every task's rows as (images, texts, side, keys) groups, embedded in one forward of
-    # the model: the tiny world models' steps are bound by per-call overhead, not by
-    # arithmetic (bench/finetune_step.py), and the rows are independent either way.
+    # the model (the rows are independent): on the demo's tiny embedder a step takes 71
+    # ms so, against 101 in a forward per group (bench/finetune_step.py).
     groups: dict[str, tuple] = {}
     if caption_texts and (tasks.weight_text_to_image > 0 or tasks.weight_pair_to_image > 0):
         # The images are the candidates of both caption tasks: embedded once.
@@ -93,6 +92,10 @@ def joint_loss(
         raise ValueError("joint_loss: every task is empty or weighted 0: nothing to train")
     images, texts, keys = ([row for g in groups.values() for row in g[i]] for i in (0, 1, 3))
     sides = [side for g in groups.values() for side in [g[2]] * len(g[0])]
+    # Rows are kept only when every row with an image names it: a text-only row's text is
+    # its key, an image row without one would share its rendered text with other images.
+    keep = any(k is not None for k in keys) and all(
+        k is not None for k, im in zip(keys, images) if im is not None)
     vectors = embedder.trainable_vectors(images=images, texts=texts, side=sides,
                                          image_keys=keys if keep else None)
     v = dict(zip(groups, vectors.split([len(g[0]) for g in groups.values()])))

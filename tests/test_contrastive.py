@@ -92,6 +92,15 @@ def test_joint_loss_embeds_every_task_in_one_forward_with_the_vectors_of_one_cal
     assert parts == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-4)
     assert loss.item() == pytest.approx(float(want["loss_text_to_image"] + 2 * want["loss_pair_to_image"]
                                               + 0.5 * want["loss_target_text"]), rel=1e-4)
+    # Keys for the captions' images but none for the references: nothing is kept (a
+    # reference row would be keyed by its rendered text alone, the same for every image).
+    embedder.mllm.__dict__.pop("_kept_rows", None)
+    joint_loss(embedder, tasks, captions, images, images[::-1], edits, targets,
+               caption_image_keys=["a", "b", "c"])
+    assert not embedder.mllm.__dict__.get("_kept_rows")
+    joint_loss(embedder, tasks, captions, images, images[::-1], edits, targets,
+               caption_image_keys=["a", "b", "c"], reference_keys=["c", "b", "a"])
+    assert len(embedder.mllm.__dict__["_kept_rows"]) == 15  # five groups of three rows
     # Per-row sides are checked as one side is.
     with pytest.raises(ValueError, match="embed got 1 sides for 3 items"):
         embedder.trainable_vectors(texts=captions, side=["query"])
