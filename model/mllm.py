@@ -476,7 +476,29 @@ class FusedEmbedder:
         candidates of every task in one forward). image_keys: as `MLLM.encode`'s (rows
         met again reuse their inputs)."""
         images, _, encode = self._inputs(images, texts, side, image_keys)
-        return self._unit_vectors(encode(list(range(len(images)))))
+        batch = encode(list(range(len(images))))
+        if image_keys is not None:
+            batch = self._vision_once(batch, [k for k, im in zip(image_keys, images) if im is not None])
+        return self._unit_vectors(batch)
+
+    def _vision_once(self, batch: dict, keys: list) -> dict:
+        """The batch with each distinct image (by its key) through the vision tower once:
+        a fine-tuning step meets each caption image alone and in its pair. The tower's
+        features go to the model as its `mm_encoder_outputs`, one per image slot, so the
+        language model sees what it would have, and the gradient of every slot reaches
+        the one forward of its image."""
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        if "pixel_values" not in batch or len(first) == len(keys):
+            return batch
+        unique = sorted(first.values())
+        slot = {keys[i]: j for j, i in enumerate(unique)}
+        grid = batch["image_grid_thw"]
+        pieces = batch["pixel_values"].split(grid.prod(-1).tolist())
+        features = self.mllm.model.base_model.get_image_features(
+            torch.cat([pieces[i] for i in unique]), grid[unique], return_dict=True)
+        features.pooler_output = tuple(features.pooler_output[slot[k]] for k in keys)
+        rest = {k: v for k, v in batch.items() if k != "pixel_values"}
+        return {**rest, "mm_encoder_outputs": {"image": features}}
 
     def _inputs(self, images, texts, side: str | Sequence[str], image_keys: Sequence | None = None):
         """(images, texts, encode): the checked items, and a function from a list of item

@@ -268,6 +268,7 @@ RULES: dict[str, Rule] = {
     "train.micro_batch_size": COUNT,
     "train.text_conditions": one_of("worker", "precomputed"),
     "train.checkpoint_every": POSITIVE,
+    "train.health_check_interval_s": above(0),
     "train.keep_checkpoints": POSITIVE,
     "train.max_failures": COUNT,
     "train.log_every": POSITIVE,

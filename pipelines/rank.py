@@ -61,7 +61,9 @@ def run(ctx: RunContext) -> Summary:
     cfg, lake = ctx.cfg, ctx.lake
     summary = Summary("rank", note=f"run {ctx.run_id}")
     search_kind = check_gallery(ctx)
-    queries = read_queries(ctx)
+    # Read once into the object store: counted, checked for repeated ids and resolved
+    # from there (each read of a small file costs a Ray Data job, about 2 s).
+    queries = read_queries(ctx).materialize()
     summary.read = queries.count()
     if summary.read == 0:
         raise RankError(f"the queries table {cfg.catalogue.queries} is empty: nothing to rank")

@@ -20,6 +20,9 @@ from ops.storage import filesystem, read_json, write_bytes
 # environment variable, e.g. {"fail_at_step": 7} (the last worker raises once at that
 # step) or {"nan_at_step": 7} (the loss is made NaN there).
 FAULTS_ENV = "CIRPIPE_TEST_FAULTS"
+# How often Ray Train's controller polls its workers (conf train.health_check_interval_s).
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_SET_BY_USER = HEALTH_CHECK_ENV in os.environ
 
 
 class TrainingError(PipelineError):
@@ -135,6 +138,9 @@ def fit(loop, loop_config: dict, train_conf, run_name: str, datasets: dict, s3: 
     (a non-finite loss) or made no checkpoint raises TrainingError naming it."""
     tc = train_conf
     clear_stop(tc.storage, run_name, s3)
+    if not HEALTH_CHECK_SET_BY_USER:
+        # Ray Train passes this variable from the driver to its controller and workers.
+        os.environ[HEALTH_CHECK_ENV] = str(tc.health_check_interval_s)
     fs, path = filesystem(tc.storage, s3)
     trainer = ray.train.torch.TorchTrainer(
         loop,

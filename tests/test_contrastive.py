@@ -108,6 +108,40 @@ def test_joint_loss_embeds_every_task_in_one_forward_with_the_vectors_of_one_cal
         embedder.trainable_vectors(texts=captions, side=["query", "both", "query"])
 
 
+def test_a_step_puts_each_distinct_image_through_the_vision_tower_once(tiny_models, monkeypatch):
+    """With image keys, an image met twice in a step (a caption's image alone and in its
+    pair, a reference that is also a caption's image) goes through the vision tower once;
+    the vectors are those of the step without the sharing, and so are the gradients."""
+    cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}",
+                                         "models.embedder.input_cache_rows=0"])
+    embedder = FusedEmbedder.from_conf(plain(cfg.models.embedder))
+    rng = random.Random(3)
+    items = [Item("circle", "red", "small", "left", "white"), Item("square", "blue", "large", "right", "black"),
+             Item("star", "green", "large", "centre", "grey")]
+    images, captions = [draw(it, 64 + 16 * i, rng) for i, it in enumerate(items)], [it.caption() for it in items]
+    tasks = JointTasks(temperature=0.1, weight_text_to_image=1.0, weight_target_text=0.5, weight_pair_to_image=2.0)
+    args = (embedder, tasks, captions, images, images[1:2], ["make it a diamond"], [items[1].description()])
+    base = embedder.mllm.model.base_model
+    towers = []
+    monkeypatch.setattr(base, "get_image_features",
+                        lambda pixels, grid, _f=base.get_image_features, **k: towers.append(len(grid))
+                        or _f(pixels, grid, **k))
+
+    def step(**keys) -> tuple[torch.Tensor, torch.Tensor]:
+        embedder.mllm.model.zero_grad()
+        loss, _ = joint_loss(*args, **keys)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in embedder.mllm.model.parameters()
+                                         if p.grad is not None])
+
+    plain_loss, plain_grad = step()
+    assert towers == [7]  # 3 images, 3 pairs, 1 reference
+    shared_loss, shared_grad = step(caption_image_keys=["a", "b", "c"], reference_keys=["b"])
+    assert towers[1:] == [3]
+    assert shared_loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    assert torch.allclose(shared_grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_the_pair_task_pulls_a_fused_pair_to_its_own_image(tiny_models):
     """weight_pair_to_image: f_M(I, caption) (candidate side, as `embed` writes Stage 1's
     targets) retrieves f_M(I) among the batch's images; a few steps of that task alone
