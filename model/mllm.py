@@ -436,15 +436,24 @@ class FusedEmbedder:
     @torch.inference_mode()
     def embed(
         self, images: Sequence[Image.Image | None] | None = None, texts: Sequence[str | None] | None = None,
-        side: str = "candidate",
+        side: str = "candidate", image_keys: Sequence | None = None,
     ) -> torch.Tensor:
-        """(B, d_VL) float32 unit vectors, on the CPU; `side` picks the instruction."""
+        """(B, d_VL) float32 unit vectors, on the CPU; `side` picks the instruction.
+        image_keys: one per item, naming its image's content: items of a part with the
+        same key share one pass of the vision tower (`embed` writes f_M(I) and
+        f_M(I, T) of each image in one call)."""
         images, texts, encode = self._inputs(images, texts, side)
         n = len(images)
+
+        def vectors(rows: list[int], batch: dict) -> torch.Tensor:
+            if image_keys is not None:
+                batch = self._vision_once(batch, [image_keys[i] for i in rows if images[i] is not None])
+            return self._unit_vectors(batch).cpu()  # waits on the GPU with the GIL released
+
         bounds = np.linspace(0, n, min(self.overlap_parts, n) + 1).round().astype(int).tolist()
         parts = list(zip(bounds[:-1], bounds[1:]))
         if len(parts) == 1:
-            return self._unit_vectors(encode(list(range(n)))).cpu()
+            return vectors(list(range(n)), encode(list(range(n))))
         # Parts are cut from the batch in order of length (pixels, then text), so that
         # each pads its rows to a similar length; the vectors go back to input order.
         order = sorted(
@@ -457,11 +466,11 @@ class FusedEmbedder:
         out = []
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(encode, order[parts[0][0]:parts[0][1]])
-            for i in range(len(parts)):
+            for i, (lo, hi) in enumerate(parts):
                 batch = upcoming.result()
                 if i + 1 < len(parts):
                     upcoming = prefetch.submit(encode, order[parts[i + 1][0]:parts[i + 1][1]])
-                out.append(self._unit_vectors(batch).cpu())  # waits on the GPU with the GIL released
+                out.append(vectors(order[lo:hi], batch))
         vectors = torch.empty(n, out[0].shape[1])
         vectors[torch.tensor(order)] = torch.cat(out)
         return vectors
@@ -483,7 +492,7 @@ class FusedEmbedder:
 
     def _vision_once(self, batch: dict, keys: list) -> dict:
         """The batch with each distinct image (by its key) through the vision tower once:
-        a fine-tuning step meets each caption image alone and in its pair. The tower's
+        a fine-tuning step, and `embed`, meet each image alone and in its pair. The tower's
         features go to the model as its `mm_encoder_outputs`, one per image slot, so the
         language model sees what it would have, and the gradient of every slot reaches
         the one forward of its image."""

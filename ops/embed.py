@@ -69,8 +69,12 @@ class EmbedOp(ImageRowsOp):
     def compute(self, rows: list[dict], images: list[tuple]) -> list[dict]:
         first = [im[0] for im in images]
         texts = [r["pair_text"] for r in rows]
-        alone = self.embedder.embed(images=first).numpy()
-        paired = self.embedder.embed(images=first, texts=texts).numpy()
+        # One call, each image through the vision tower once for f_M(I) and f_M(I, T).
+        n = len(rows)
+        keys = list(range(n))
+        vectors = self.embedder.embed(images=first + first, texts=[None] * n + texts,
+                                      image_keys=keys + keys).numpy()
+        alone, paired = vectors[:n], vectors[n:]
         return [self._row(r, "image") | {"vector": v} for r, v in zip(rows, alone)] + [
             self._row(r, "pair")
             | {"vector": v, "text": r["pair_text"], "caption_kind": r["pair_caption_kind"]}

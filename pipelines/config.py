@@ -190,7 +190,7 @@ NIGHTLY_STAGES = tuple(name for name in STAGES if name != "synth")
 
 RULES: dict[str, Rule] = {
     "seed": COUNT,
-    "ray.num_cpus": POSITIVE,
+    "ray.num_cpus": POSITIVE, "ray.read_min_blocks": POSITIVE,
     "lock.wait_s": at_least(0), "lock.poll_s": above(0), "lock.heartbeat_s": above(0),
     "lock.stale_after_s": above(0),
     "images.min_side": POSITIVE,

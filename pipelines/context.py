@@ -154,3 +154,4 @@ def init_ray(cfg) -> None:
     data = ray.data.DataContext.get_current()
     data.enable_progress_bars = bool(cfg.ray.progress_bars)
     data.verbose_stats_logs = False
+    data.read_op_min_num_blocks = cfg.ray.read_min_blocks

@@ -2,6 +2,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from ops.caption import CaptionOp
 from ops.base import vectors_to_arrow
@@ -83,6 +84,35 @@ def test_embed_op_writes_two_unit_vectors_per_image_and_rejects(catalogue, tiny_
     assert [r["caption_kind"] for r in good if r["kind"] == "pair"] == ["long", "short"]
     (rej,) = [r for r in rows if r["reject_reason"]]
     assert "changed since ingest" in rej["reject_reason"] and rej["vector"] is None
+
+
+def test_embed_op_puts_each_image_through_the_vision_tower_once(catalogue, tiny_models, monkeypatch):
+    """f_M(I) and f_M(I, T) of a batch come from one call that runs each image's vision
+    tower once; the vectors are those of two calls without the sharing, in one part or
+    in the overlapped parts of models.embedder.overlap_parts."""
+    cfg = load_config("conf/demo.yaml", [f"models.embedder.name_or_path={tiny_models['mllm']}"])
+    op = EmbedOp(plain(cfg), None)
+    ingested = IngestOp({"images": LIMITS}, None)(catalogue["manifest"].slice(0, 3)).to_pydict()
+    texts = ["a red thing", "a blue thing on a white ground", "x"]
+    batch = {**ingested, "pair_text": texts, "pair_caption_kind": ["long"] * 3}
+    base = op.embedder.mllm.model.base_model
+    towers = []
+    monkeypatch.setattr(base, "get_image_features",
+                        lambda pixels, grid, _f=base.get_image_features, **k: towers.append(len(grid))
+                        or _f(pixels, grid, **k))
+    rows = op(pa.table(batch)).to_pylist()
+    assert towers == [3]
+    images = [Image.open(u).convert("RGB") for u in ingested["uri"]]
+    alone, paired = op.embedder.embed(images=images), op.embedder.embed(images=images, texts=texts)
+    assert towers[1:] == [3, 3]
+    got = {(r["image_id"], r["kind"]): r["vector"] for r in rows}
+    for i, image_id in enumerate(ingested["image_id"]):
+        np.testing.assert_allclose(got[image_id, "image"], alone[i].numpy(), atol=1e-5)
+        np.testing.assert_allclose(got[image_id, "pair"], paired[i].numpy(), atol=1e-5)
+    op.embedder.overlap_parts = 2
+    keys = [0, 1, 2, 0, 1, 2]
+    parts = op.embedder.embed(images=images + images, texts=[None] * 3 + texts, image_keys=keys)
+    np.testing.assert_allclose(parts.numpy(), np.concatenate([alone, paired]), atol=1e-5)
 
 
 def test_embed_op_refuses_a_wrong_dimension(tiny_models):
