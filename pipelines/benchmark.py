@@ -1,7 +1,7 @@
 """`python -m pipelines benchmark --config conf/eval/<name>.yaml`: a benchmark end to end.
 
 Loads the benchmark's official annotations (`eval.*`), writes them as the pipeline's
-manifest and queries, runs ingest, caption, embed and index on its images, then the
+manifest and queries, runs ingest and caption on its images, then embed, index and the
 rank stage in every mode of `eval.modes` (and first, the gallery embedded with
 finetune_embedder.base, each mode of `eval.base_embedder_modes`: the embedder before
 fine-tuning; `embeddings` is then restored to its version before them), evaluates
@@ -64,24 +64,29 @@ def run(ctx: RunContext) -> str:
         print(c.lines[-1], flush=True)
         return evaluate.evaluate(b, evaluate.read_rankings(summary.outputs["parquet"], dict(cfg.storage.s3)))
 
-    def through_stages(c: RunContext, modes, suffix: str, tag: str) -> None:
-        for stage in ("ingest", "caption", "embed", "index"):
+    def stages(c: RunContext, names) -> None:
+        for stage in names:
             c.lines.append(STAGES[stage].run(c).line())
             print(c.lines[-1], flush=True)
+
+    def embedded_and_ranked(c: RunContext, modes, suffix: str, tag: str) -> None:
+        stages(c, ("embed", "index"))
         for mode in modes:
             results[mode + suffix] = ranked(c, mode, mode + suffix, tag)
 
     results = {}
+    # Once: neither reads the embedder.
+    stages(ctx, ("ingest", "caption"))
     if e.base_embedder_modes:
         # The gallery embedded with the embedder before fine-tuning in versions of
         # `embeddings` that are then set aside: the table is again what it was (the
         # nightly's vectors and index), and the modes below embed only what it lacks.
         base = ctx.with_settings(**{"models.embedder.name_or_path": cfg.finetune_embedder.base})
         before = ctx.lake.open("embeddings")
-        through_stages(base, e.base_embedder_modes, " (before fine-tuning)", "-before-finetune")
+        embedded_and_ranked(base, e.base_embedder_modes, " (before fine-tuning)", "-before-finetune")
         if before is not None:
             ctx.lake.restore("embeddings", before.version)
-    through_stages(ctx, e.modes, "", "")
+    embedded_and_ranked(ctx, e.modes, "", "")
     results[CHANCE] = evaluate.chance(b, cfg.seed)
     md = markdown(e.benchmark, e.split, results)
     write_bytes(f"{e.out_dir}/results.md", md.encode(), dict(cfg.storage.s3))

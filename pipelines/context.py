@@ -142,7 +142,11 @@ def init_ray(cfg) -> None:
 
     if ray.is_initialized():
         return
-    ctx_env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
+    # Ray Train's workers print every line twice without RAY_TRAIN_ENABLE_PRINT_PATCH=0:
+    # its patched print goes to Train's logger and, since a Ray worker's stdout is not
+    # sys.__stdout__, also to the stream (ray/train/v2/_internal/logging/patch_print.py).
+    ctx_env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false",
+               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     kwargs = dict(runtime_env={"env_vars": ctx_env}, log_to_driver=True, include_dashboard=False)
     if cfg.ray.address:
         # A cluster (or a `ray job submit` job) brings its own runtime env: passing one

@@ -243,15 +243,23 @@ def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lan
     gpus = ctx.cfg.rank.search_num_gpus
     ctx.require("rank's gallery search", 1, gpus, "rank.search_num_gpus")
     results = resolved.map_batches(
-        GallerySearch,
-        fn_constructor_args=(ctx.conf, ctx.lake, search_kind),
-        compute=ray.data.ActorPoolStrategy(size=1),
+        search_batch,
+        fn_kwargs=dict(conf=ctx.conf, tables=ctx.lake, search_kind=search_kind),
+        # One search at a time (each holds search_batch_size x gallery_block scores).
+        compute=ray.data.TaskPoolStrategy(size=1),
         num_gpus=gpus,
         batch_size=ctx.cfg.rank.search_batch_size,
         batch_format="pyarrow",
     )
     write_staging(results, ctx.lake, "rank_results", RESULT_SCHEMA)
     return ctx.lake.open_staging("rank_results")
+
+
+def search_batch(batch: pa.Table, conf: dict, tables: Lake, search_kind: str) -> pa.Table:
+    """GallerySearch as a task, not an actor: it holds no model, and a task runs in a
+    worker that has imported ops/ where an actor starts a process (in the demo's
+    benchmark, 6.7 -> %s s of a rank run's search)."""
+    return GallerySearch(conf, tables, search_kind)(batch)
 
 
 def queries_fingerprint(resolved: ray.data.Dataset) -> str:
