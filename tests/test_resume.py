@@ -1,6 +1,7 @@
 """A stage killed mid-write keeps what it committed (`<stage>.commit_every` rows at a
 time) and its rerun redoes at most that interval: pipelines/common.py write_staging,
 resume_staged and select_work on real Ray Data and Lance."""
+import gc
 import time
 
 import pyarrow as pa
@@ -84,3 +85,10 @@ def test_a_table_read_as_one_block_still_commits_as_it_goes(tmp_path, ray_local)
         stage_and_commit(map_with_model(one_block, ctx, DiesAtRow, "caption"), ctx, out)
     kept = ctx.lake.open_staging("caption").count_rows()
     assert kept % EVERY == 0 and FAIL_FROM - kept <= EVERY, kept
+    # The failed write's actor goes with its execution: left holding its CPU in this
+    # session's 2-CPU Ray, the next test's read tasks would wait for it forever.
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the failed stage's actor still holds a CPU after 60 s"
+        time.sleep(0.5)
