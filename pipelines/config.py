@@ -191,6 +191,8 @@ NIGHTLY_STAGES = tuple(name for name in STAGES if name != "synth")
 RULES: dict[str, Rule] = {
     "seed": COUNT,
     "ray.num_cpus": POSITIVE, "ray.read_min_blocks": POSITIVE,
+    "ray.shuffle_strategy": one_of(None, "shuffle_v2", "sort_shuffle_pull_based", "hash_shuffle",
+                                   "sort_shuffle_push_based"),
     "lock.wait_s": at_least(0), "lock.poll_s": above(0), "lock.heartbeat_s": above(0),
     "lock.stale_after_s": above(0),
     "images.min_side": POSITIVE,
@@ -267,6 +269,7 @@ RULES: dict[str, Rule] = {
     "train.compile": one_of("none", "default", "max-autotune-no-cudagraphs"),
     "train.micro_batch_size": COUNT,
     "train.text_conditions": one_of("worker", "precomputed"),
+    "train.condition_cache_texts": COUNT,
     "train.checkpoint_every": POSITIVE,
     "train.health_check_interval_s": above(0),
     "train.keep_checkpoints": POSITIVE,

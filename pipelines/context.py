@@ -159,3 +159,5 @@ def init_ray(cfg) -> None:
     data.enable_progress_bars = bool(cfg.ray.progress_bars)
     data.verbose_stats_logs = False
     data.read_op_min_num_blocks = cfg.ray.read_min_blocks
+    if cfg.ray.shuffle_strategy:
+        data.shuffle_strategy = cfg.ray.shuffle_strategy

@@ -202,7 +202,8 @@ def train_loop(config: dict) -> None:
     encoder = None
     if tc.text_conditions == "worker":
         encoder = load_text_encoder_from_conf(
-            plain(cfg.models.text_encoder), plain(cfg.models.embedder), device=str(device)
+            plain(cfg.models.text_encoder), plain(cfg.models.embedder), device=str(device),
+            kept_texts=tc.condition_cache_texts,
         )
     diffusion = DiffusionConfig(**plain(cfg.diffusion))
     noise_sched = ddpm_scheduler(diffusion)

@@ -83,3 +83,32 @@ def test_text_encoder_tokens_mask_and_padding(kind, tiny_models, mllm):
     alone, mask_alone = enc.encode(texts[:1])
     n = int(mask_alone.sum())
     assert torch.allclose(alone[0, :n], c[0, :n], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["t5", "mllm"])
+def test_kept_texts_give_the_encoders_tokens_and_are_not_encoded_again(kind, tiny_models, mllm):
+    """train.condition_cache_texts: a text met before is not encoded again, the batch
+    padded from kept tokens equals the encoder's own, and the oldest go past the limit."""
+    path = tiny_models["t5"] if kind == "t5" else None
+    plain_enc = TextEncoder(kind, path, max_tokens=16, mllm=mllm)
+    kept = TextEncoder(kind, path, max_tokens=16, mllm=mllm, kept_texts=3)
+    encoded = []
+    encode = kept._encode
+    kept._encode = lambda texts: encoded.append(list(texts)) or encode(texts)
+    texts = ["a red circle", "change the colour to blue and move it to the left of the image",
+             "a small green diamond", "a white background"]
+
+    def both(batch: list[str]):
+        a, ma = plain_enc.encode(batch)
+        b, mb = kept.encode(batch)
+        assert a.shape == b.shape and torch.equal(ma, mb)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+    both(texts[:2] + texts[:1])
+    assert encoded == [texts[:2]]  # a repeated text once
+    both([texts[1], texts[0]])
+    assert len(encoded) == 1  # both kept: nothing encoded, another order
+    both(texts[2:])
+    assert encoded[1:] == [texts[2:]] and len(kept._kept) == 3  # the oldest unused went
+    both(texts[:2])
+    assert encoded[2:] == [texts[1:2]]  # the first text was used last, the second went
