@@ -51,7 +51,7 @@ from model.training import (
 )
 from ops.finetune import TARGET_TEXT_COLUMNS, TEXT_TO_IMAGE_COLUMNS, target_text_rows, text_to_image_rows
 from ops.images import ImageRejected, load_image
-from ops.storage import copy_dir, read_json
+from ops.storage import copy_dir
 from ops.triplets import TRIPLET_COLUMNS
 from pipelines.common import read_manifest, read_table
 from pipelines.config import plain
@@ -63,7 +63,7 @@ from pipelines.ray_train import (
     fit,
     in_key_order,
     maybe_inject_failure,
-    newest_checkpoint,
+    resumable_state,
     write_metrics,
     write_stop,
 )
@@ -278,8 +278,8 @@ def run(ctx: RunContext, faults: dict | None = None) -> Summary:
     total = per_epoch * f.epochs
     if f.max_steps > 0:
         total = min(total, f.max_steps)
-    newest = newest_checkpoint(tc.storage, f.run_name, lake.s3)
-    before = (read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
+    _, before = resumable_state(tc.storage, f.run_name, "finetune_embedder", "finetune_embedder.run_name",
+                                lake.s3)
     summary.read = sum(counts.values())
     summary.extra.update({f"{t}_rows": n for t, n in counts.items()})
     if ctx.dry_run:

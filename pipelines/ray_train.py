@@ -44,6 +44,18 @@ def newest_checkpoint(storage: str, run_name: str, s3: dict) -> str | None:
     return f"{storage.rstrip('/')}/{run_name}/{names[-1]}" if names else None
 
 
+def resumable_state(storage: str, run_name: str, stage: str, key: str, s3: dict) -> tuple[str | None, dict]:
+    """A run's newest checkpoint and its train_state.json (None and {} for a new run).
+    A run folder holding another stage's checkpoints is refused, naming that stage and
+    `key`, the setting to change: its weights are another model's."""
+    newest = newest_checkpoint(storage, run_name, s3)
+    state = (read_json(f"{newest}/train_state.json", s3) or {}) if newest else {}
+    if state.get("stage", stage) != stage:
+        raise TrainingError(f"run {run_name!r} under {storage} holds checkpoints of {state['stage']}, "
+                            f"not of {stage}: choose another {key}")
+    return newest, state
+
+
 def ordered_ingest():
     """Ray Train's ingest options with the blocks kept in order, so that an epoch's rows
     arrive in the same order in every run (resuming to the same weights needs it)."""

@@ -57,7 +57,7 @@ from pipelines.ray_train import (
     finite_mean,
     fit,
     maybe_inject_failure,
-    newest_checkpoint,
+    resumable_state,
     training_rows,
     write_metrics,
     write_stop,
@@ -106,7 +106,7 @@ def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
     """A run folder whose checkpoints hold a model of another size is refused: resuming
     it would fail deep inside load_state_dict on every worker."""
     sc = cfg[f"train_{stage}"]
-    newest = newest_checkpoint(cfg.train.storage, sc.run_name, s3)
+    newest, _ = resumable_state(cfg.train.storage, sc.run_name, stage, f"train_{stage}.run_name", s3)
     if newest is None:
         return
     found = read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
@@ -362,8 +362,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
             # Refused here, before any worker starts, when the sizes differ from the config.
             load_prior(local_copy(sc.prior, lake.s3, cache), expected=_expected(prior_config))
     check_resumable(cfg, stage, prior_config, lake.s3)
-    newest = newest_checkpoint(tc.storage, sc.run_name, lake.s3)
-    before = (read_json(f"{newest}/train_state.json", lake.s3) or {}) if newest else {}
+    _, before = resumable_state(tc.storage, sc.run_name, stage, f"train_{stage}.run_name", lake.s3)
     if ctx.dry_run:
         summary.read = rows
         summary.extra.update(steps_per_epoch=per_epoch, resume_from=before.get("step", 0), total=total)

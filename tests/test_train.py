@@ -148,7 +148,8 @@ def test_one_worker_with_precomputed_conditions(lake_dir, tiny_models):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lake_dir, tiny_models):
-    from pipelines.train import TrainingError, newest_checkpoint
+    from pipelines.ray_train import newest_checkpoint
+    from pipelines.train import TrainingError
 
     cfg = _cfg(lake_dir, tiny_models, "train.checkpoint_every=5",
                "train_stage1.max_steps=20", "train_stage1.run_name=nan", f"train_stage1.output={lake_dir}/out/nan")
@@ -178,6 +179,14 @@ def test_refusals_before_any_worker_starts(tmp_path, lake_dir, tiny_models):
         train(cfg, "stage2")
     with pytest.raises(CheckpointMismatch, match="run 'small' .*hidden_size: config 64, checkpoint 32"):
         train(cfg, "stage1")
+    # A run folder of another stage (finetune_embedder's checkpoints under Stage 1's run name).
+    other = f"{cfg.train.storage}/tuned/checkpoint_2026-01-01_00-00-00.000000"
+    os.makedirs(other)
+    with open(f"{other}/train_state.json", "w") as f:
+        json.dump({"stage": "finetune_embedder", "step": 3, "metrics": []}, f)
+    with pytest.raises(TrainingError, match="run 'tuned' .*holds checkpoints of finetune_embedder, not of "
+                                            "stage1: choose another train_stage1.run_name"):
+        train(_cfg(lake_dir, tiny_models, "train_stage1.run_name=tuned"), "stage1")
 
 
 def _free_port() -> int:
