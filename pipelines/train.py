@@ -102,13 +102,14 @@ def _expected(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
-    """A run folder whose checkpoints hold a model of another size is refused: resuming
-    it would fail deep inside load_state_dict on every worker."""
+def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> dict:
+    """The run's newest train_state.json ({} for a new run). A run folder of another
+    stage, or whose checkpoints hold a model of another size, is refused: resuming it
+    would fail deep inside load_state_dict on every worker."""
     sc = cfg[f"train_{stage}"]
-    newest, _ = resumable_state(cfg.train.storage, sc.run_name, stage, f"train_{stage}.run_name", s3)
+    newest, before = resumable_state(cfg.train.storage, sc.run_name, stage, f"train_{stage}.run_name", s3)
     if newest is None:
-        return
+        return before
     found = read_json(f"{newest}/{MODEL_DIR}/config.json", s3) or {}
     found = prior_config_with_defaults(found if stage == "stage1" else (found.get("prior_config") or {}))
     diff = {k: (v, found.get(k)) for k, v in _expected(prior_config).items() if found.get(k) != v}
@@ -118,6 +119,7 @@ def check_resumable(cfg, stage: str, prior_config: dict, s3: dict) -> None:
             f"run {sc.run_name!r} under {cfg.train.storage} has checkpoints of another model "
             f"({detail}): choose another train_{stage}.run_name or fix the config"
         )
+    return before
 
 
 # ---------------------------------------------------------------- the worker
@@ -361,8 +363,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
         with tempfile.TemporaryDirectory() as cache:
             # Refused here, before any worker starts, when the sizes differ from the config.
             load_prior(local_copy(sc.prior, lake.s3, cache), expected=_expected(prior_config))
-    check_resumable(cfg, stage, prior_config, lake.s3)
-    _, before = resumable_state(tc.storage, sc.run_name, stage, f"train_{stage}.run_name", lake.s3)
+    before = check_resumable(cfg, stage, prior_config, lake.s3)
     if ctx.dry_run:
         summary.read = rows
         summary.extra.update(steps_per_epoch=per_epoch, resume_from=before.get("step", 0), total=total)
