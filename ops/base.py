@@ -24,6 +24,22 @@ class EmbeddingSizeError(PipelineError):
     pass
 
 
+# The model op this process built last, by its key (run_kept_op).
+_KEPT: dict = {}
+
+
+def run_kept_op(batch: pa.Table, op: type, args: tuple, kwargs: dict, key: str) -> pa.Table:
+    """`op(*args, **kwargs)(batch)`, the op built once per process and kept for the next
+    batch or stage with the same `key` (conf ray.model_ops: tasks): a task in a worker
+    that has run one before pays neither the imports nor the loads. One op at a time: the
+    last one's models go before the next one's load."""
+    built = _KEPT.get(key)
+    if built is None:
+        _KEPT.clear()
+        built = _KEPT[key] = op(*args, **kwargs)
+    return built(batch)
+
+
 def vectors_to_arrow(vectors: np.ndarray, dim: int, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != dim:

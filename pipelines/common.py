@@ -181,9 +181,11 @@ def map_with_model(
     ds: ray.data.Dataset, ctx: RunContext, op, section: str, use_gpus: bool = True,
     rebatch: bool = True, **kwargs
 ) -> ray.data.Dataset:
-    """`op(ctx.conf, ctx.lake, **kwargs)` on a pool of `<section>.num_actors` actors, each
+    """`op(ctx.conf, ctx.lake, **kwargs)` over `ds`, `<section>.num_actors` at a time, each
     with the section's batch size, CPUs and (unless use_gpus is false) GPUs; refused at
-    once if the cluster lacks them. The input is cut into blocks of a batch first
+    once if the cluster lacks them. On a pool of actors started for the stage, or, with
+    ray.model_ops: tasks, as tasks in Ray's reused workers, each keeping the op it built
+    (ops/base.py run_kept_op; CPU only, pipelines/config.py). The input is cut into blocks of a batch first
     (`in_batches`) unless `rebatch` is false."""
     s = ctx.cfg[section]
     gpus = s.get("num_gpus_per_actor", 0) if use_gpus else 0
@@ -195,16 +197,42 @@ def map_with_model(
     )
     if rebatch:
         ds = in_batches(ds, s.batch_size)
-    return ds.map_batches(
-        op,
-        fn_constructor_args=(ctx.conf, ctx.lake),
-        fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-        batch_size=s.batch_size,
-        batch_format="pyarrow",
-        num_cpus=s.num_cpus_per_actor,
-        num_gpus=gpus,
-    )
+    common = dict(batch_size=s.batch_size, batch_format="pyarrow", num_cpus=s.num_cpus_per_actor,
+                  num_gpus=gpus)
+    if ctx.cfg.ray.model_ops == "actors":
+        return ds.map_batches(op, fn_constructor_args=(ctx.conf, ctx.lake), fn_constructor_kwargs=kwargs,
+                              compute=ray.data.ActorPoolStrategy(size=s.num_actors), **common)
+    from ops.base import run_kept_op
+
+    return ds.map_batches(run_kept_op, fn_kwargs=dict(op=op, args=(ctx.conf, ctx.lake), kwargs=kwargs,
+                                                      key=kept_op_key(op, ctx, kwargs)),
+                          compute=ray.data.TaskPoolStrategy(size=s.num_actors), **common)
+
+
+def kept_op_key(op, ctx: RunContext, kwargs: dict) -> str:
+    """What a kept op was built from (ray.model_ops: tasks): the op, the whole config, the
+    lake, its arguments, and the size and modification time of every file of each local
+    model folder or checkpoint they name, so that weights rewritten in place (a rerun of
+    finetune_embedder, a retrained prior) are loaded again."""
+    import hashlib
+    import json
+    import os
+
+    def files(path: str) -> list:
+        if os.path.isfile(path):
+            st = os.stat(path)
+            return [[path, st.st_size, st.st_mtime_ns]]
+        out = []
+        for root, _, names in os.walk(path):
+            out += [f for n in sorted(names) for f in files(os.path.join(root, n))]
+        return out
+
+    paths = [m.get("name_or_path") for m in ctx.conf["models"].values() if isinstance(m, dict)]
+    paths += [v for x in kwargs.values() for v in (x.values() if isinstance(x, dict) else [x])
+              if isinstance(v, str)]
+    stamps = [files(p) for p in sorted({p for p in paths if p and os.path.exists(p)})]
+    what = [f"{op.__module__}.{op.__qualname__}", ctx.conf, ctx.lake.root, kwargs, stamps]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def begin_model_stage(

@@ -190,7 +190,7 @@ NIGHTLY_STAGES = tuple(name for name in STAGES if name != "synth")
 
 RULES: dict[str, Rule] = {
     "seed": COUNT,
-    "ray.num_cpus": POSITIVE, "ray.read_min_blocks": POSITIVE,
+    "ray.num_cpus": POSITIVE, "ray.read_min_blocks": POSITIVE, "ray.model_ops": one_of("actors", "tasks"),
     "ray.shuffle_strategy": one_of(None, "shuffle_v2", "sort_shuffle_pull_based", "hash_shuffle",
                                    "sort_shuffle_push_based"),
     "lock.wait_s": at_least(0), "lock.poll_s": above(0), "lock.heartbeat_s": above(0),
@@ -407,6 +407,12 @@ def _cross_rules(cfg) -> list[tuple[str, object, str]]:
         broken.append(("lock.stale_after_s", cfg.lock.stale_after_s, f"> lock.heartbeat_s={heartbeat}"))
     if cfg.images.max_side < cfg.images.min_side:
         broken.append(("images.max_side", cfg.images.max_side, f">= images.min_side={cfg.images.min_side}"))
+    if cfg.ray.model_ops == "tasks":
+        for section, node in cfg.items():
+            if isinstance(node, DictConfig) and node.get("num_gpus_per_actor"):
+                broken.append((f"{section}.num_gpus_per_actor", node.num_gpus_per_actor,
+                               "0 with ray.model_ops=tasks (a worker that keeps its models would keep "
+                               "their GPU memory after the stage: set ray.model_ops=actors)"))
     return broken
 
 

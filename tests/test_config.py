@@ -91,6 +91,8 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     ("finetune_embedder.temperature=0", "finetune_embedder.temperature=0: expected > 0"),
     ("finetune_embedder.output=s3://lake/m", "finetune_embedder.output='s3://lake/m': expected a filesystem path"),
     ("finetune_embedder.batch_size=0", "finetune_embedder.batch_size=0: expected >= 1"),
+    ("ray.model_ops=threads", "ray.model_ops='threads': expected one of actors, tasks"),
+    ("embed.num_gpus_per_actor=1", "embed.num_gpus_per_actor=1: expected 0 with ray.model_ops=tasks"),
 ])
 def test_values_outside_their_rules_are_refused_at_load(override, message):
     with pytest.raises(ConfigError) as e:

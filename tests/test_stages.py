@@ -224,3 +224,38 @@ def test_images_gone_from_the_manifest_leave_every_table_and_fixed_rejects_clear
         run_stage(cfg, "ingest")
     assert rows(cfg, "images").num_rows == before
     pq.write_table(pa.Table.from_pylist(manifest), root / "manifest.parquet")
+
+
+def test_model_ops_on_actors_write_what_kept_ops_in_tasks_write(tmp_path, tiny_models, ray_local):
+    """ray.model_ops: the demo's tasks (ops kept in Ray's workers) and base's actors (a
+    pool per stage) are one op on two kinds of worker: the same vectors, to the bit."""
+    uris = make_catalogue(str(tmp_path / "catalogue"), num_images=6, image_size=64, num_triplets=1,
+                          num_queries=2, seed=4)
+    vectors = {}
+    for ops in ("tasks", "actors"):
+        cfg = make_config(tmp_path / ops, tiny_models, f"catalogue.manifest={uris['manifest']}",
+                          f"ray.model_ops={ops}")
+        assert [s.written for s in run_all(cfg)] == [6, 6, 6]
+        vectors[ops] = {(r["image_id"], r["kind"]): r["vector"] for r in rows(cfg, "embeddings").to_pylist()}
+    assert len(vectors["tasks"]) == 12 and vectors["tasks"] == vectors["actors"]
+
+
+def test_a_kept_op_is_built_again_when_its_model_files_change(lake, tmp_path, tiny_models):
+    """A kept op's key holds its model folders' file stamps: weights rewritten in place
+    (finetune_embedder run again into the same output) are loaded again."""
+    import os
+    import shutil
+
+    from ops.embed import EmbedOp
+    from pipelines.common import kept_op_key
+    from pipelines.context import RunContext
+
+    model = tmp_path / "embedder"
+    shutil.copytree(lake["cfg"].models.embedder.name_or_path, model)
+    ctx = RunContext.create(make_config(tmp_path, tiny_models, f"models.embedder.name_or_path={model}"), "r")
+    before = kept_op_key(EmbedOp, ctx, {})
+    assert kept_op_key(EmbedOp, ctx, {}) == before
+    weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert kept_op_key(EmbedOp, ctx, {}) != before
