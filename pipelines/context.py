@@ -138,10 +138,18 @@ class RunContext:
 
 
 def init_ray(cfg) -> None:
+    """Starts Ray, or joins the one this process already started (a test's, a notebook's),
+    and applies the run's Ray Data settings either way: they belong to the run."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        start_ray_session(cfg)
+    configure_ray_data(cfg)
+
+
+def start_ray_session(cfg) -> None:
+    import ray
+
     # Ray Train's workers print every line twice without RAY_TRAIN_ENABLE_PRINT_PATCH=0:
     # its patched print goes to Train's logger and, since a Ray worker's stdout is not
     # sys.__stdout__, also to the stream (ray/train/v2/_internal/logging/patch_print.py).
@@ -155,9 +163,18 @@ def init_ray(cfg) -> None:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+
+
+def configure_ray_data(cfg) -> None:
+    import ray
+
     data = ray.data.DataContext.get_current()
     data.enable_progress_bars = bool(cfg.ray.progress_bars)
     data.verbose_stats_logs = False
+    # An op's refusal (a PipelineError) must reach the command line: Ray Data wraps a
+    # task's error in a UserCodeException that keeps it only in `__cause__`, which Ray
+    # does not carry from the worker to the driver.
+    data.raise_original_map_exception = True
     data.read_op_min_num_blocks = cfg.ray.read_min_blocks
-    if cfg.ray.shuffle_strategy:
-        data.shuffle_strategy = cfg.ray.shuffle_strategy
+    # null is Ray's default, also after a run in this process that set another.
+    data.shuffle_strategy = cfg.ray.shuffle_strategy or type(data)().shuffle_strategy

@@ -31,6 +31,8 @@ def test_preflight_names_each_problem_and_its_fix(tmp_path, tiny_models, ray_loc
         "rank.num_gpus_per_actor=1",
         f"storage.root={blocked}/lake",
         "caption.num_gpus_per_actor=1",
+        # GPU actors: conf/demo.yaml's tasks would be refused before the preflight runs.
+        "ray.model_ops=actors",
     )
     with pytest.raises(PreflightFailed, match="checks found a problem"):
         run(RunContext.create(cfg))

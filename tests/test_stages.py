@@ -259,3 +259,20 @@ def test_a_kept_op_is_built_again_when_its_model_files_change(lake, tmp_path, ti
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert kept_op_key(EmbedOp, ctx, {}) != before
+
+
+def test_each_run_applies_its_ray_data_settings_also_to_a_ray_already_started(ray_local, tiny_models, tmp_path):
+    """The session's Ray was started by the test fixture, not by init_ray: a run still
+    gets its config's Ray Data settings, and a later run's null shuffle_strategy is Ray's
+    default again."""
+    import ray
+
+    from pipelines.context import init_ray
+
+    data = ray.data.DataContext.get_current()
+    init_ray(make_config(tmp_path, tiny_models, "ray.shuffle_strategy=hash_shuffle", "ray.read_min_blocks=3"))
+    assert (str(data.shuffle_strategy.value), data.read_op_min_num_blocks) == ("hash_shuffle", 3)
+    assert data.raise_original_map_exception and not data.enable_progress_bars
+    init_ray(make_config(tmp_path, tiny_models, "ray.shuffle_strategy=null"))
+    assert data.shuffle_strategy == ray.data.DataContext().shuffle_strategy
+    assert data.read_op_min_num_blocks == 1
