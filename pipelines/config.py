@@ -277,6 +277,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": POSITIVE,
     "train.shuffle_buffer": COUNT,
     "train.materialize_max_rows": COUNT,
+    "train.key_order_rows_per_block": POSITIVE,
     "train_stage*.lr": above(0),
     "train_stage*.weight_decay": at_least(0),
     "train_stage*.adam_eps": above(0),

@@ -266,7 +266,8 @@ def run(ctx: RunContext, faults: dict | None = None) -> Summary:
                 tc.num_workers if tc.use_gpu else 0,
                 "train.num_workers, train.cpus_per_worker, train.use_gpu")
     # Kept whatever their size (a text and an image's uri a row), sorted by every column.
-    datasets = {t: in_key_order(ds, TASK_COLUMNS[t]) for t, ds in _datasets(ctx).items()}
+    datasets = {t: in_key_order(ds, TASK_COLUMNS[t], tc.key_order_rows_per_block)
+                for t, ds in _datasets(ctx).items()}
     counts = {t: ds.count() for t, ds in datasets.items()}
     needs = {"text_to_image": "`caption` (captions of the images' current bytes)",
              "target_text": f"readable triplets in {cfg.catalogue.triplets}"}

@@ -64,23 +64,25 @@ def ordered_ingest():
     return options
 
 
-def in_key_order(ds: ray.data.Dataset, key: str | list[str]) -> ray.data.Dataset:
+def in_key_order(ds: ray.data.Dataset, key: str | list[str], rows_per_block: int) -> ray.data.Dataset:
     """The dataset read once, sorted by `key` and kept in Ray's object store: every epoch
     then reads it from there, in an order that does not depend on the order in which the
     stage that wrote the rows committed them (a run from scratch trains on the batches
     the last one did). `key` must tell rows apart, or be every column."""
-    # The sort's blocks end where sampled boundaries fall, which differ from run to run,
-    # and the local shuffle's draws depend on the blocks' sizes: equal blocks, in order.
+    # The sort's blocks end where sampled boundaries fall, and how many there are follows
+    # the table's files (pull-based sorting keeps the input's count), while the local
+    # shuffle's draws depend on the blocks' sizes: blocks of `rows_per_block` exactly.
     ordered = ds.sort(key).materialize()
-    return ordered.repartition(ordered.num_blocks()).materialize()
+    return ordered.repartition(target_num_rows_per_block=rows_per_block, strict=True).materialize()
 
 
-def training_rows(ds: ray.data.Dataset, rows: int, key: str, max_rows: int) -> ray.data.Dataset:
+def training_rows(ds: ray.data.Dataset, rows: int, key: str, max_rows: int,
+                  rows_per_block: int) -> ray.data.Dataset:
     """What a training stage reads every epoch (conf train.materialize_max_rows): a table of
     at most `max_rows` rows in_key_order (a read of the table costs about a second an
     epoch however small it is: the demo's 50 epochs of 7 steps), a larger one streamed
     from storage every epoch in its stored order."""
-    return in_key_order(ds, key) if rows <= max_rows else ds
+    return in_key_order(ds, key, rows_per_block) if rows <= max_rows else ds
 
 
 def finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:

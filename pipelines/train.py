@@ -385,7 +385,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     }
     key = TABLE_KEYS[table]
     train_rows = training_rows(read_table(lake, table, [key, *columns], filter=flt), rows, key,
-                               tc.materialize_max_rows)
+                               tc.materialize_max_rows, tc.key_order_rows_per_block)
     checkpoint = fit(train_loop, loop_config, tc, sc.run_name, {"train": train_rows}, lake.s3,
                      f"train_{stage}")
     state = export(cfg, stage, checkpoint, lake.s3)

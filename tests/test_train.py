@@ -301,7 +301,7 @@ def test_a_run_from_scratch_gets_the_same_batches_whatever_order_the_table_holds
     def ids(cfg, max_rows):
         lake = RunContext.create(cfg).lake
         ds = read_table(lake, "embeddings", ["image_id"], filter="kind = 'pair'")
-        return [r["image_id"] for r in training_rows(ds, ds.count(), "image_id", max_rows).take_all()]
+        return [r["image_id"] for r in training_rows(ds, ds.count(), "image_id", max_rows, 5).take_all()]
 
     assert ids(cfgs[0], 0) != ids(cfgs[1], 0)  # the stored orders differ
     assert ids(cfgs[0], 10**6) == ids(cfgs[1], 10**6) == sorted(ids(cfgs[0], 0))
@@ -314,7 +314,8 @@ def test_a_run_from_scratch_gets_the_same_batches_whatever_order_the_table_holds
 def test_rows_in_key_order_come_in_the_same_blocks_whatever_their_order(ray_local):
     """in_key_order's blocks: the sort ends blocks where sampled boundaries fall, and the
     local shuffle's draws depend on the blocks' sizes; the same rows in another order
-    and other blocks give the same rows, the same blocks and the same shuffled batches."""
+    and in another number of blocks (pull-based sorting keeps the input's count) give
+    the same rows, the same blocks and the same shuffled batches."""
     import random
 
     import ray
@@ -325,17 +326,17 @@ def test_rows_in_key_order_come_in_the_same_blocks_whatever_their_order(ray_loca
     shuffled = random.Random(0).sample(rows, len(rows))
 
     def seen(items, blocks):
-        ds = in_key_order(ray.data.from_items(items, override_num_blocks=blocks), ["key", "text"])
+        ds = in_key_order(ray.data.from_items(items, override_num_blocks=blocks), ["key", "text"], 96)
         sizes = [len(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
         batches = [list(b["key"]) for b in ds.iter_batches(batch_size=16, local_shuffle_buffer_size=64,
                                                            local_shuffle_seed=3, batch_format="pandas")]
         return ds.take_all(), sizes, batches
 
-    a, b = seen(rows, 40), seen(shuffled, 40)
+    a, b = seen(rows, 40), seen(shuffled, 7)
     assert a[0] == b[0] == rows
-    assert a[1] == b[1] and len(set(a[1])) == 1  # equal blocks, in both
+    assert a[1] == b[1] == [96] * 10 + [40]  # blocks of 96 rows, in both
     assert a[2] == b[2]
-    assert seen(shuffled, 40)[1:] == b[1:]  # and again
+    assert seen(shuffled, 7)[1:] == b[1:]  # and again
 
 
 def test_described_conditions_are_the_describers_T_tilde_and_redone_only_when_it_changes(tmp_path, tiny_models,
