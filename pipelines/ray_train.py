@@ -5,6 +5,7 @@ metrics beside its model."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import ray
@@ -71,9 +72,13 @@ def in_key_order(ds: ray.data.Dataset, key: str | list[str], rows_per_block: int
     the last one did). `key` must tell rows apart, or be every column."""
     # The sort's blocks end where sampled boundaries fall, and how many there are follows
     # the table's files (pull-based sorting keeps the input's count), while the local
-    # shuffle's draws depend on the blocks' sizes: blocks of `rows_per_block` exactly.
+    # shuffle's draws depend on the blocks' sizes: so the sorted rows are cut again into
+    # a number of blocks that follows only the row count. A split repartition keeps the
+    # rows' order and cuts even blocks; a strict streaming one (target_num_rows_per_block)
+    # was seen to reorder blocks on Ray 2.x.
     ordered = ds.sort(key).materialize()
-    return ordered.repartition(target_num_rows_per_block=rows_per_block, strict=True).materialize()
+    blocks = max(1, math.ceil(ordered.count() / rows_per_block))
+    return ordered.repartition(num_blocks=blocks).materialize()
 
 
 def training_rows(ds: ray.data.Dataset, rows: int, key: str, max_rows: int,

@@ -334,7 +334,7 @@ def test_rows_in_key_order_come_in_the_same_blocks_whatever_their_order(ray_loca
 
     a, b = seen(rows, 40), seen(shuffled, 7)
     assert a[0] == b[0] == rows
-    assert a[1] == b[1] == [96] * 10 + [40]  # blocks of 96 rows, in both
+    assert a[1] == b[1] and len(a[1]) == 11 and max(a[1]) - min(a[1]) <= 1  # even blocks of at most 96 rows, in both
     assert a[2] == b[2]
     assert seen(shuffled, 7)[1:] == b[1:]  # and again
 
