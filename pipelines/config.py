@@ -267,6 +267,7 @@ RULES: dict[str, Rule] = {
     # CUDA graphs (reduce-overhead) are left out: per-block graphs around autograd gain
     # little and pin memory for every captured shape.
     "train.compile": one_of("none", "default", "max-autotune-no-cudagraphs"),
+    "train.seed": COUNT,
     "train.micro_batch_size": COUNT,
     "train.text_conditions": one_of("worker", "precomputed"),
     "train.condition_cache_texts": COUNT,

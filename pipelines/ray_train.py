@@ -90,6 +90,11 @@ def training_rows(ds: ray.data.Dataset, rows: int, key: str, max_rows: int,
     return in_key_order(ds, key, rows_per_block) if rows <= max_rows else ds
 
 
+def training_seed(cfg) -> int:
+    """The seed of a training stage's draws (conf train.seed; null: the run's seed)."""
+    return cfg.seed if cfg.train.seed is None else cfg.train.seed
+
+
 def finite_mean(loss: torch.Tensor, world: int, device) -> tuple[float, bool]:
     """The loss averaged over workers, and whether every worker's loss was finite:
     one all-reduce, so that all workers stop at the same step."""

@@ -372,3 +372,22 @@ def test_described_conditions_are_the_describers_T_tilde_and_redone_only_when_it
     rows = lance.dataset(f"{cfg.storage.root}/triplet_embeddings.lance").to_table().to_pylist()
     assert all(r["cond_text"] == r["target_description"] and r["describer"] is None for r in rows)
     assert run_stage(plain_text, "triplets").written == 0
+
+
+def test_train_seed_draws_other_batches_and_noise_on_the_same_data(lake_dir, tiny_models):
+    """conf train.seed: null trains with the run's seed, its own value with its own draws
+    (the spread of a table across training draws is measured that way), and the same
+    value again gives the same weights."""
+    common = ("train_stage1.max_steps=4", "train_stage1.epochs=2")
+
+    def weights(name, *extra):
+        cfg = _cfg(lake_dir, tiny_models, *common, *extra, f"train_stage1.run_name={name}",
+                   f"train_stage1.output={lake_dir}/out/{name}")
+        assert train(cfg, "stage1").written == 4
+        return FusionDiffPrior.from_pretrained(cfg.train_stage1.output).state_dict()
+
+    base = weights("seed_null")
+    same = weights("seed_run", f"train.seed={_cfg(lake_dir, tiny_models).seed}")
+    other = weights("seed_other", "train.seed=12345")
+    assert all(torch.equal(base[k], same[k]) for k in base)
+    assert not all(torch.equal(base[k], other[k]) for k in base)
