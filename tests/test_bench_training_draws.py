@@ -1,0 +1,45 @@
+"""bench/training_draws.py on a hand-made run folder whose draws are already benchmarked:
+each draw's row, the modes' means and ranges and the Table 3 gaps on every draw."""
+import json
+import os
+
+import pytest
+
+from bench.training_draws import main, overrides, summary
+
+pytestmark = pytest.mark.fast
+
+
+def _table(full, query_only, prior_only, joint=40.0):
+    return {m: {"R@1": v, "R@10": v + 50.0, "R@50": 99.0}
+            for m, v in (("full", full), ("query_only", query_only), ("prior_only", prior_only), ("joint", joint))}
+
+
+def test_gaps_on_every_draw_and_the_modes_spread():
+    s = summary({"own": _table(25.0, 20.0, 12.0), "s1": _table(22.0, 20.0, 21.0)})
+    assert s["gaps"]["full - query_only R@1"] == {"values": [5.0, 2.0], "mean": 3.5, "min": 2.0, "max": 5.0}
+    assert s["gaps"]["query_only - prior_only R@1"]["values"] == [8.0, -1.0]
+    assert s["modes"]["prior_only R@10"] == {"values": [62.0, 71.0], "mean": 66.5, "min": 62.0, "max": 71.0}
+
+
+def test_reads_the_demos_table_and_each_seeds_without_training_again(tmp_path, capsys):
+    for name, t in (("eval", _table(25.0, 20.0, 12.0)), ("eval_s4", _table(21.0, 20.0, 19.5))):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "results.json").write_text(json.dumps(t))
+    assert main([str(tmp_path), "4"]) == 0
+    out = capsys.readouterr().out
+    assert "train.seed=4: full 21.0/71.0, query_only 20.0/70.0, prior_only 19.5/69.5" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["draws"] == ["the run's seed", "train.seed=4"]
+    assert record["gaps"]["query_only - prior_only R@1"]["values"] == [8.0, 0.5]
+
+
+def test_a_folder_without_a_demo_table_is_refused_by_name(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert f"no demo table at {tmp_path}/eval/results.json" in capsys.readouterr().out
+
+
+def test_each_seed_trains_under_its_own_names_and_absolute_model_folders():
+    o = overrides("/r", 7)
+    assert "train.seed=7" in o and "train_stage1.run_name=stage1_s7" in o
+    assert "train_stage2.output=/r/lake/models/adapter_s7" in o
