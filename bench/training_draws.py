@@ -50,20 +50,17 @@ def train_and_benchmark(run_dir: str, seed: int) -> dict:
         return json.load(f)
 
 
+def spread(values: list[float]) -> dict:
+    return {"values": values, "mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
+
+
 def summary(draws: dict[str, dict]) -> dict:
-    """Per mode and metric the draws' values, mean, min and max; per gap its values."""
-    out: dict = {"modes": {}, "gaps": {}}
-    for mode in MODES:
-        for m in METRICS:
-            v = [d[mode][m] for d in draws.values()]
-            out["modes"][f"{mode} {m}"] = {"values": v, "mean": round(sum(v) / len(v), 2),
-                                           "min": min(v), "max": max(v)}
-    for a, b in GAPS:
-        for m in METRICS:
-            v = [round(d[a][m] - d[b][m], 2) for d in draws.values()]
-            out["gaps"][f"{a} - {b} {m}"] = {"values": v, "mean": round(sum(v) / len(v), 2),
-                                            "min": min(v), "max": max(v)}
-    return out
+    """Per mode and metric the draws' values, mean, min and max; the same per gap."""
+    return {
+        "modes": {f"{mode} {m}": spread([d[mode][m] for d in draws.values()]) for mode in MODES for m in METRICS},
+        "gaps": {f"{a} - {b} {m}": spread([round(d[a][m] - d[b][m], 2) for d in draws.values()])
+                 for a, b in GAPS for m in METRICS},
+    }
 
 
 def main(argv: list[str]) -> int:

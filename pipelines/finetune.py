@@ -140,7 +140,8 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     s3 = plain(cfg.storage.s3)
 
-    torch.manual_seed(training_seed(cfg))  # LoRA's A matrices: the same in every run of this config
+    seed = training_seed(cfg)
+    torch.manual_seed(seed)  # LoRA's A matrices: the same in every run of this config
     embedder, params, names = _build_embedder(cfg, str(device))
     optim = OptimConfig.from_conf(plain(f))
     opt = make_optimizer(params, optim, fused=tc.fused_optimizer)
@@ -170,11 +171,11 @@ def train_loop(config: dict) -> None:
     tick, last_loss = time.perf_counter(), None
     while state["step"] < total:
         start_step, skip = state["step"], state["step"] % per_epoch
-        seed = training_seed(cfg) * 1_000_003 + state["step"] // per_epoch
+        epoch_seed = seed * 1_000_003 + state["step"] // per_epoch
         streams = [
             shards[t].iter_batches(batch_size=per_worker, batch_format="pandas", drop_last=True,
                                    local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                                   local_shuffle_seed=seed)
+                                   local_shuffle_seed=epoch_seed)
             for t in config["tasks"]
         ]
         # Both shards are read to their end every epoch (Ray Data's split expects it);

@@ -165,8 +165,9 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
     prior_config = config["prior_config"]
+    seed = training_seed(cfg)
     if stage == "stage1":
-        torch.manual_seed(training_seed(cfg))  # the same initial weights in every run of this config
+        torch.manual_seed(seed)  # the same initial weights in every run of this config
         prior = model = FusionDiffPrior(**prior_config)
     else:
         with tempfile.TemporaryDirectory() as cache:
@@ -227,7 +228,7 @@ def train_loop(config: dict) -> None:
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=tc.shuffle_buffer or None,
-            local_shuffle_seed=training_seed(cfg) * 1_000_003 + state["step"] // per_epoch,
+            local_shuffle_seed=seed * 1_000_003 + state["step"] // per_epoch,
         )
         for i, batch in enumerate(batches):
             # Every worker consumes its whole shard each epoch (Ray Data's split expects
@@ -235,7 +236,7 @@ def train_loop(config: dict) -> None:
             if i < skip or i >= per_epoch or state["step"] >= total:
                 continue
             step = state["step"]
-            gen.manual_seed(training_seed(cfg) * 7919 + rank * 104729 + step)
+            gen.manual_seed(seed * 7919 + rank * 104729 + step)
             maybe_inject_failure(cfg.run_dir, faults, f"{stage}_{sc.run_name}", step, rank, world)
             z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
 
