@@ -122,11 +122,7 @@ def load_config(
     for where, layer in layers:
         _check_keys(layer, base, where)
         cfg = OmegaConf.merge(cfg, layer)
-    run_dir = cfg._get_node("run_dir")._value()
-    if isinstance(run_dir, str) and "://" not in run_dir and not os.path.isabs(run_dir):
-        # Ray workers (Ray Train's above all) run in folders of their own: a relative
-        # run_dir, and every path under it, is taken from where the config is loaded.
-        cfg.run_dir = os.path.abspath(run_dir)
+    _absolute_paths(cfg)
     try:
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
@@ -136,6 +132,29 @@ def load_config(
     OmegaConf.set_readonly(resolved, True)
     OmegaConf.set_struct(resolved, True)
     return resolved
+
+
+# Ray workers (Ray Train's above all) run in folders of their own, so a relative path is
+# taken from where the config is loaded. Keys that name a folder or file of the run,
+# never a hub id:
+PATH_KEYS = ("run_dir", "storage.root", "synthetic.out_dir", "catalogue.*", "train_stage*.output",
+             "finetune_embedder.output", "eval.annotations", "eval.image_root", "eval.out_dir")
+# Keys that name a hub id or a folder: a relative one is a folder when it exists here
+# (from_pretrained's own rule: a local folder wins over the hub).
+MODEL_KEYS = ("models.*.name_or_path", "train_stage2.prior", "finetune_embedder.base")
+
+
+def _absolute_paths(cfg: DictConfig) -> None:
+    """Every relative local path among PATH_KEYS and MODEL_KEYS made absolute, in place;
+    interpolations (${run_dir}/...) follow run_dir."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for patterns, always in ((PATH_KEYS, True), (MODEL_KEYS, False)):
+        for pattern in patterns:
+            for key, value in list(_matching(raw, pattern)):
+                if (not isinstance(value, str) or not value or "${" in value or "://" in value
+                        or os.path.isabs(value) or not (always or os.path.exists(value))):
+                    continue
+                OmegaConf.update(cfg, key, os.path.abspath(value), merge=False)
 
 
 # ------------------------------------------------------------------ allowed values

@@ -43,3 +43,29 @@ def test_each_seed_trains_under_its_own_names_and_absolute_model_folders():
     o = overrides("/r", 7)
     assert "train.seed=7" in o and "train_stage1.run_name=stage1_s7" in o
     assert "train_stage2.output=/r/lake/models/adapter_s7" in o
+
+
+def test_a_tagged_variant_keeps_its_folders_apart_and_can_keep_the_demos_prior():
+    o = overrides("/r", 2, tag="ema", stage2_only=True, extra=("seed=1", "train_stage2.ema_decay=0.99"))
+    assert "seed=1" in o and "train_stage2.ema_decay=0.99" in o and "train.seed=2" in o
+    assert "train_stage2.run_name=stage2_ema_s2" in o and "train_stage2.output=/r/lake/models/adapter_ema_s2" in o
+    assert not any(a.startswith("train_stage1.") for a in o), "Stage 2 alone keeps the demo's Stage 1 prior"
+    assert "train_stage1.output=/r/lake/models/prior_ema_s2" in overrides("/r", 2, tag="ema")
+
+
+def test_a_tagged_variants_spread_leaves_the_demos_own_table_out(tmp_path, capsys):
+    for name, t in (("eval", _table(25.0, 20.0, 12.0)), ("eval_ema_s0", _table(27.0, 20.0, 12.0)),
+                    ("eval_ema_s1", _table(29.0, 20.0, 12.0))):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "results.json").write_text(json.dumps(t))
+    assert main([str(tmp_path), "0", "1", "--tag", "ema", "train_stage2.ema_decay=0.99"]) == 0
+    out = capsys.readouterr().out
+    assert "the demo's own table (baseline): full 25.0/75.0" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["draws"] == ["train.seed=0", "train.seed=1"]
+    assert record["gaps"]["full - query_only R@1"]["values"] == [7.0, 9.0]
+
+
+def test_seeds_that_are_not_integers_are_refused(tmp_path, capsys):
+    assert main([str(tmp_path), "one"]) == 2
+    assert "seeds are integers" in capsys.readouterr().out

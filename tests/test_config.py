@@ -132,3 +132,25 @@ def test_the_cli_refuses_a_bad_value_before_ray_starts(tmp_path):
     assert out.returncode == 2
     assert out.stderr == "error: sampling.sampler='foo': expected one of dpmsolver++, ddpm\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_relative_paths_on_the_command_line_are_taken_from_where_the_config_is_loaded(tmp_path, monkeypatch):
+    # Ray Train's workers run in folders of their own: a relative model folder reached
+    # them as a path under the worker's folder and was refused there.
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("models/base_embedder")
+    cfg = load_config(BASE.parent / "demo.yaml", [
+        "run_dir=/abs/run", "train_stage1.output=runs/p1", "finetune_embedder.base=models/base_embedder",
+        "models.captioner.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "catalogue.queries=q.parquet",
+    ])
+    assert cfg.train_stage1.output == str(tmp_path / "runs/p1")
+    # The interpolation follows: Stage 2's prior is the folder Stage 1 wrote.
+    assert cfg.train_stage2.prior == str(tmp_path / "runs/p1")
+    assert cfg.finetune_embedder.base == str(tmp_path / "models/base_embedder")
+    assert cfg.catalogue.queries == str(tmp_path / "q.parquet")
+    # A name that is no folder here stays a hub id, and ${run_dir} paths stay under run_dir.
+    assert cfg.models.captioner.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert cfg.storage.root == "/abs/run/lake"
+    assert load_config(BASE.parent / "prod.yaml").storage.root.startswith("s3://")
