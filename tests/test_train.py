@@ -118,6 +118,28 @@ def test_stage2_two_workers_learns_and_both_checkpoints_load(lake_dir, tiny_mode
     assert any(p.abs().sum() > 0 for p in adapter.z1.parameters())  # trained away from its zero init
 
 
+def test_stage2_exports_the_average_of_its_steps_and_a_resumed_run_keeps_it(lake_dir, tiny_models, stage1_one):
+    """train_stage2.ema_decay (the demo's): the exported adapter is the moving average of
+    the steps' weights, not the last step's, and a worker killed at step 7 resumes the
+    average from its checkpoint of step 5: the export equals the uninterrupted run's."""
+    common = ("train_stage2.max_steps=12", "train.checkpoint_every=5", "train_stage2.epochs=4",
+              f"train_stage1.output={lake_dir}/out/one")
+
+    def adapter(name, decay, **faults):
+        cfg = _cfg(lake_dir, tiny_models, *common, f"train_stage2.ema_decay={decay}",
+                   f"train_stage2.run_name={name}", f"train_stage2.output={lake_dir}/out/{name}")
+        train(cfg, "stage2", **faults)
+        return ControlAdapter.from_pretrained(cfg.train_stage2.output).state_dict()
+
+    last = adapter("ema_off", 0)
+    average = adapter("ema_clean", 0.8)
+    resumed = adapter("ema_killed", 0.8, fail_at_step=7)
+    assert all(torch.equal(average[k], resumed[k]) for k in average)
+    assert not torch.equal(average["z1.weight"], last["z1.weight"])
+    # Z1 starts at zero and moves away from it: its average lags behind its last step.
+    assert 0 < average["z1.weight"].norm() < last["z1.weight"].norm()
+
+
 def _stage2_loss(cfg, prior, adapter) -> float:
     import lance
 
