@@ -26,6 +26,7 @@ tag is `stage2only` unless one is given).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -63,6 +64,10 @@ def train_and_benchmark(run_dir: str, seed: int, tag: str = "", stage2_only: boo
         return json.load(f)
 
 
+def row(table: dict) -> str:
+    return ", ".join(f"{mode} {table[mode]['R@1']:.1f}/{table[mode]['R@10']:.1f}" for mode in MODES)
+
+
 def spread(values: list[float]) -> dict:
     return {"values": values, "mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
 
@@ -80,19 +85,16 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    run_dir = os.path.abspath(argv[0])
-    rest = list(argv[1:])
-    stage2_only = "--stage2-only" in rest
-    rest = [a for a in rest if a != "--stage2-only"]
-    tag = ""
-    if "--tag" in rest:
-        i = rest.index("--tag")
-        if i + 1 >= len(rest):
-            print("--tag needs a name")
-            return 2
-        tag = rest.pop(i + 1)
-        rest.pop(i)
-    tag = tag or ("stage2only" if stage2_only else "")
+    parser = argparse.ArgumentParser(prog="bench/training_draws.py", add_help=False)
+    parser.add_argument("run_dir")
+    parser.add_argument("--stage2-only", action="store_true")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("rest", nargs="*")
+    args, unknown = parser.parse_known_args(argv)
+    rest = args.rest + unknown
+    run_dir = os.path.abspath(args.run_dir)
+    stage2_only = args.stage2_only
+    tag = args.tag or ("stage2only" if stage2_only else "")
     extra = tuple(a for a in rest if "=" in a)
     try:
         seeds = [int(a) for a in rest if "=" not in a] or [1, 2, 3]
@@ -107,12 +109,11 @@ def main(argv: list[str]) -> int:
         baseline = json.load(f)
     draws = {} if tag else {"the run's seed": baseline}
     if tag:
-        print("the demo's own table (baseline): "
-              + ", ".join(f"{mode} {baseline[mode]['R@1']:.1f}/{baseline[mode]['R@10']:.1f}" for mode in MODES))
+        print(f"the demo's own table (baseline): {row(baseline)}")
     for seed in seeds:
         draws[f"train.seed={seed}"] = train_and_benchmark(run_dir, seed, tag, stage2_only, extra)
     for name, d in draws.items():
-        print(f"{name}: " + ", ".join(f"{mode} {d[mode]['R@1']:.1f}/{d[mode]['R@10']:.1f}" for mode in MODES))
+        print(f"{name}: {row(d)}")
     s = summary(draws)
     for key, v in {**s["modes"], **s["gaps"]}.items():
         print(f"{key}: mean {v['mean']:.2f}, range {v['min']:.1f} to {v['max']:.1f}, draws {v['values']}")

@@ -15,6 +15,13 @@ def _table(full, query_only, prior_only, joint=40.0):
             for m, v in (("full", full), ("query_only", query_only), ("prior_only", prior_only), ("joint", joint))}
 
 
+def _write_tables(run_dir, **tables):
+    """Each table as the benchmark writes it, <run_dir>/<folder>/results.json."""
+    for name, t in tables.items():
+        os.makedirs(run_dir / name)
+        (run_dir / name / "results.json").write_text(json.dumps(t))
+
+
 def test_gaps_on_every_draw_and_the_modes_spread():
     s = summary({"own": _table(25.0, 20.0, 12.0), "s1": _table(22.0, 20.0, 21.0)})
     assert s["gaps"]["full - query_only R@1"] == {"values": [5.0, 2.0], "mean": 3.5, "min": 2.0, "max": 5.0}
@@ -23,9 +30,7 @@ def test_gaps_on_every_draw_and_the_modes_spread():
 
 
 def test_reads_the_demos_table_and_each_seeds_without_training_again(tmp_path, capsys):
-    for name, t in (("eval", _table(25.0, 20.0, 12.0)), ("eval_s4", _table(21.0, 20.0, 19.5))):
-        os.makedirs(tmp_path / name)
-        (tmp_path / name / "results.json").write_text(json.dumps(t))
+    _write_tables(tmp_path, eval=_table(25.0, 20.0, 12.0), eval_s4=_table(21.0, 20.0, 19.5))
     assert main([str(tmp_path), "4"]) == 0
     out = capsys.readouterr().out
     assert "train.seed=4: full 21.0/71.0, query_only 20.0/70.0, prior_only 19.5/69.5" in out
@@ -54,10 +59,8 @@ def test_a_tagged_variant_keeps_its_folders_apart_and_can_keep_the_demos_prior()
 
 
 def test_a_tagged_variants_spread_leaves_the_demos_own_table_out(tmp_path, capsys):
-    for name, t in (("eval", _table(25.0, 20.0, 12.0)), ("eval_ema_s0", _table(27.0, 20.0, 12.0)),
-                    ("eval_ema_s1", _table(29.0, 20.0, 12.0))):
-        os.makedirs(tmp_path / name)
-        (tmp_path / name / "results.json").write_text(json.dumps(t))
+    _write_tables(tmp_path, eval=_table(25.0, 20.0, 12.0), eval_ema_s0=_table(27.0, 20.0, 12.0),
+                  eval_ema_s1=_table(29.0, 20.0, 12.0))
     assert main([str(tmp_path), "0", "1", "--tag", "ema", "train_stage2.ema_decay=0.99"]) == 0
     out = capsys.readouterr().out
     assert "the demo's own table (baseline): full 25.0/75.0" in out

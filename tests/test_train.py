@@ -119,7 +119,7 @@ def test_stage2_two_workers_learns_and_both_checkpoints_load(lake_dir, tiny_mode
 
 
 def test_stage2_exports_the_average_of_its_steps_and_a_resumed_run_keeps_it(lake_dir, tiny_models, stage1_one):
-    """train_stage2.ema_decay (the demo's): the exported adapter is the moving average of
+    """train_stage2.ema_decay (off in the demo and in base): the exported adapter is the moving average of
     the steps' weights, not the last step's, and a worker killed at step 7 resumes the
     average from its checkpoint of step 5: the export equals the uninterrupted run's."""
     common = ("train_stage2.max_steps=12", "train.checkpoint_every=5", "train_stage2.epochs=4",
