@@ -33,7 +33,7 @@ def main(src: str, dst: str, overrides: list[str]) -> None:
     written, t0 = [], time.monotonic()
     for i in tqdm(range(0, len(rows), r["batch_size"]), desc="describe triplets"):
         chunk = rows[i : i + r["batch_size"]]
-        images = [load_image(x["source_uri"], cfg["storage"]["s3"]) for x in chunk]
+        images = [load_image(x["source_uri"], cfg["storage"]["s3"], cfg["images"]["alpha_background"]) for x in chunk]
         edits = [x["instruction"] for x in chunk]
         written += describe_targets(describer, r, images, edits, [None] * len(chunk))
     exact = sum(w == x["target_description"] for w, x in zip(written, rows))

@@ -39,9 +39,10 @@ DEFAULTS = [
 ]
 
 
-def recalls(embedder: FusedEmbedder, manifest: dict, queries: list[dict], batch: int = 16) -> dict[str, float]:
+def recalls(embedder: FusedEmbedder, manifest: dict, queries: list[dict], background: str,
+            batch: int = 16) -> dict[str, float]:
     ids = list(manifest)
-    images = {i: load_image(manifest[i], None) for i in ids}
+    images = {i: load_image(manifest[i], None, background) for i in ids}
     gallery = torch.cat([embedder.embed(images=[images[i] for i in ids[lo:lo + batch]])
                          for lo in range(0, len(ids), batch)])
     q = torch.cat([embedder.embed(images=[images[r["reference_id"]] for r in queries[lo:lo + batch]],
@@ -67,7 +68,8 @@ def main(argv: list[str]) -> dict:
     conf = plain(cfg.models.embedder)
     result = {}
     for name, path in (("base", cfg.finetune_embedder.base), ("finetuned", cfg.finetune_embedder.output)):
-        result[name] = recalls(FusedEmbedder.from_conf({**conf, "name_or_path": path}), manifest, queries)
+        result[name] = recalls(FusedEmbedder.from_conf({**conf, "name_or_path": path}), manifest, queries,
+                               cfg.images.alpha_background)
     result["chance"] = {f"R@{k}": round(100.0 * k / (len(manifest) - 1), 2) for k in KS}
     result.update(images=len(manifest), queries=len(queries), steps=None, seconds=round(trained_s, 1))
     with open(os.path.join(cfg.finetune_embedder.output, "metrics.jsonl")) as f:

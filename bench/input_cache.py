@@ -45,8 +45,8 @@ def finetune_batches(cfg, batches: int) -> list[dict]:
         c, t = captions[b * size:(b + 1) * size], triplets[b * size:(b + 1) * size]
         rows.append(dict(
             caption_texts=[r[f.caption_column] for r in c],
-            caption_images=[load_image(uris[r["image_id"]], {}, r["sha256"]) for r in c],
-            references=[load_image(r["source_uri"], {}) for r in t],
+            caption_images=[load_image(uris[r["image_id"]], {}, cfg.images.alpha_background, r["sha256"]) for r in c],
+            references=[load_image(r["source_uri"], {}, cfg.images.alpha_background) for r in t],
             modifications=[r["instruction"] for r in t],
             target_texts=[r["target_description"] for r in t],
             caption_image_keys=[r["sha256"] for r in c],

@@ -18,7 +18,7 @@ the pairs' space and the gallery holds images alone, so a pair must stay where i
 image is; MVFT-JI's two tasks never meet a pair, and on the demo's world 18 epochs of
 them moved pairs away (a target's pair found its image at R@10 0.975 before, 0.45
 after: docs/benchmarks.md). The `finetune_embedder` stage runs
-this on Ray Train; the world model's training (issue 14's demo) can run it too.
+this on Ray Train; the world model's training can run it too.
 """
 from __future__ import annotations
 

@@ -86,9 +86,10 @@ class ImageRowsOp:
     image_columns: Sequence[tuple[str, str]] = (("uri", "sha256"),)
     schema: pa.Schema
 
-    def __init__(self, tables: TableReader | None):
+    def __init__(self, tables: TableReader | None, background: str):
         self.tables = tables
         self.s3 = tables.s3 if tables is not None else None
+        self.background = background  # conf images.alpha_background
 
     def compute(self, rows: list[dict], images: list[tuple[Image.Image, ...]]) -> list[dict]:
         """Output rows of the good input rows (`images[i]` are row i's images)."""
@@ -105,7 +106,8 @@ class ImageRowsOp:
                 try:
                     images.append(
                         tuple(
-                            load_image(row[u], self.s3, expected_sha256=row[h]) for u, h in self.image_columns
+                            load_image(row[u], self.s3, self.background, expected_sha256=row[h])
+                            for u, h in self.image_columns
                         )
                     )
                     good.append(row)

@@ -18,7 +18,7 @@ class CaptionOp(ImageRowsOp):
     schema = OUTPUT_SCHEMA
 
     def __init__(self, conf: dict, tables: TableReader | None):
-        super().__init__(tables)
+        super().__init__(tables, conf["images"]["alpha_background"])
         model = conf["models"]["captioner"]
         self.captioner = Captioner(load_mllm_from_conf(model), conf["caption"]["kv_cache"])
         self.model_name = model["name_or_path"]
@@ -77,7 +77,7 @@ class CaptionRequestOp(ImageRowsOp):
     schema = REQUEST_SCHEMA
 
     def __init__(self, conf: dict, tables: TableReader | None):
-        super().__init__(tables)
+        super().__init__(tables, conf["images"]["alpha_background"])
         self.conf = conf["caption"]
 
     def rejected(self, row: dict) -> list[dict]:

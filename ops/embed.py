@@ -53,7 +53,7 @@ class EmbedOp(ImageRowsOp):
     """
 
     def __init__(self, conf: dict, tables: TableReader | None):
-        super().__init__(tables)
+        super().__init__(tables, conf["images"]["alpha_background"])
         model = conf["models"]["embedder"]
         self.embedder = FusedEmbedder.from_conf(model)
         check_embedder_dim(model["name_or_path"], self.embedder.dim, model["dim"])

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageColor, UnidentifiedImageError
 
 from model.errors import PipelineError
 from ops.storage import read_bytes
@@ -61,12 +62,33 @@ def probe_image(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     return width, height
 
 
-def decode_image(data: bytes) -> Image.Image:
+log = logging.getLogger("ops.images")
+_said_alpha = False
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def decode_image(data: bytes, background: str) -> Image.Image:
+    """The image as RGB; one with transparency composited onto `background` (conf
+    images.alpha_background: a colour name or #rrggbb), not onto the black that a plain
+    RGB conversion leaves under transparent pixels."""
+    global _said_alpha
     with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+        if not has_alpha(im):
+            return im.convert("RGB")
+        if not _said_alpha:  # once a process: a catalogue of cut-outs would repeat it for every image
+            log.warning("images with transparency are composited onto %s (images.alpha_background)",
+                        background)
+            _said_alpha = True
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, ImageColor.getcolor(background, "RGBA"))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
 
 
-def load_image(uri: str, s3: dict | None, expected_sha256: str | None = None) -> Image.Image:
+def load_image(uri: str, s3: dict | None, background: str,
+               expected_sha256: str | None = None) -> Image.Image:
     """Read and decode an image for a model; ImageRejected if it is gone or changed since ingest."""
     try:
         data = read_bytes(uri, s3)
@@ -75,6 +97,6 @@ def load_image(uri: str, s3: dict | None, expected_sha256: str | None = None) ->
     if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
         raise ImageRejected(f"{uri} changed since ingest (sha256 differs): re-run ingest")
     try:
-        return decode_image(data)
+        return decode_image(data, background)
     except Exception as e:
         raise ImageRejected(f"corrupt image: {e}") from None

@@ -203,7 +203,7 @@ class QueryOp(ImageRowsOp):
     image_columns = (("reference_uri", "reference_sha256"),)
 
     def __init__(self, conf: dict, tables: TableReader | None, checkpoints: dict, schema: pa.Schema):
-        super().__init__(tables)
+        super().__init__(tables, conf["images"]["alpha_background"])
         models, rank, sampling = conf["models"], conf["rank"], conf["sampling"]
         self.mode, self.rank, self.seed, self.schema = rank["mode"], rank, conf["seed"], schema
         if self.mode == "text":

@@ -1,7 +1,10 @@
-"""The data contracts: the Arrow schema of every table the stages write (README, "Running the stages")."""
+"""The data contracts: the Arrow schema of every table the stages write (docs/stages.md)."""
 from __future__ import annotations
 
 import pyarrow as pa
+
+# An edit-triplets table in HQ-Edit form (catalogue.triplets): the columns it must have.
+TRIPLET_COLUMNS = ("triplet_id", "source_uri", "instruction", "target_uri", "target_description")
 
 # Rows an op could not process carry a reason here; the stage routes them to `rejects`.
 REJECT_REASON = pa.field("reject_reason", pa.string())

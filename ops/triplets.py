@@ -20,7 +20,6 @@ from ops.schemas import triplet_embeddings_schema, with_reject_reason
 from ops.storage import read_bytes
 from ops.tables import TableReader
 
-TRIPLET_COLUMNS = ["triplet_id", "source_uri", "instruction", "target_uri", "target_description"]
 # train_stage2.condition_text: a manifest column, or DESCRIBED: the describer's T~ of the
 # triplet's (source image, instruction), written as rank writes a query's.
 CONDITION_TEXTS = {"instruction": "instruction", "description": "target_description"}
@@ -66,7 +65,7 @@ class TripletEmbedOp(ImageRowsOp):
     image_columns = (("source_uri", "source_sha256"), ("target_uri", "target_sha256"))
 
     def __init__(self, conf: dict, tables: TableReader | None):
-        super().__init__(tables)
+        super().__init__(tables, conf["images"]["alpha_background"])
         model, te = conf["models"]["embedder"], conf["models"]["text_encoder"]
         self.embedder = FusedEmbedder.from_conf(model)
         self.model_name = embedder_id(model)

@@ -1,4 +1,7 @@
-"""python -m pipelines <stage> --config conf/X.yaml [key=value ...]   (or: cirpipe <stage> ...)"""
+"""cirpipe <stage> --config LAYER_OR_FILE [key=value ...]   (or: python -m pipelines <stage> ...)
+
+--config takes a file (my_catalogue.yaml) or a shipped layer by name (demo, prod,
+catalogue, eval/cirr); repeat it to layer several."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +12,27 @@ import sys
 from pipelines.registry import COMMANDS, STAGES
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fusiondiff-pipeline")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     helps = {**{name: s.help for name, s in STAGES.items()}, **COMMANDS}
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
+    parser = argparse.ArgumentParser(prog="cirpipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(f"  {k:13s} {v}" for k, v in helps.items()))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("stage", choices=list(helps))
     parser.add_argument("--config", action="append", default=None,
-                        help="deployment config (conf/demo.yaml, conf/prod.yaml); repeat to layer files")
+                        help="a config file, or a shipped layer by name (demo, prod, catalogue); "
+                             "repeat to layer them")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and the libraries' own logs (also: log.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. caption.batch_size=4")
     parser.add_argument("--dry-run", action="store_true",
                         help="say what would be processed (new, changed, unchanged, rejected rows) without "
@@ -41,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.stage == "evaluate" and not (args.benchmark and args.annotations and args.rankings):
         parser.error("evaluate needs --benchmark, --annotations and --rankings")
     if args.stage == "demo" and args.config is None:
-        args.config = ["conf/demo.yaml"]
+        args.config = ["demo"]
+    if args.verbose:
+        args.overrides.append("log.verbose=true")
     return args
 
 
@@ -58,6 +76,9 @@ def run_command(args: argparse.Namespace) -> None:
         evaluate.main(args)
         return
     cfg = load_config(args.config, args.overrides)
+    from pipelines.context import quiet_logs
+
+    quiet_logs(cfg.log.verbose)  # before any library that reads it loads
     if args.stage == "plan":  # reads nothing, writes nothing
         from pipelines.plan import plan, render
 
@@ -100,7 +121,7 @@ def run_writer(args: argparse.Namespace, cfg, run_id: str) -> None:
             from pipelines import benchmark
 
             # The same catalogue in CIRR's layout: every rank mode, side by side.
-            bench = load_config([*args.config, "conf/eval/demo_cirr.yaml"], args.overrides)
+            bench = load_config([*args.config, "eval/demo_cirr"], args.overrides)
             print(benchmark.run(RunContext.create(bench)))
             print(f"[demo] rankings: {cfg.storage.root}/rankings/ (Parquet by run date) and "
                   f"{cfg.storage.root}/rankings.lance, run {state['run_id']}")
@@ -120,14 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from model.errors import find_pipeline_error
+    from pipelines.context import ray_logs_folder
 
     try:
         run_command(args)
     except Exception as e:  # a refusal, here or inside a Ray actor or task: one line, exit 2
-        refused = find_pipeline_error(e)
-        if refused is None:
+        refused, logs = find_pipeline_error(e), ray_logs_folder()
+        if refused is None:  # our bug: its traceback, and where Ray's processes logged
+            if logs:
+                print(f"full logs of every Ray process: {logs}", file=sys.stderr)
             raise
         print(f"error: {refused}", file=sys.stderr)
+        if logs:
+            print(f"full logs of every Ray process: {logs}", file=sys.stderr)
         return 2
     return 0
 

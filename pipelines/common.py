@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import ray
 
 from model.errors import PipelineError
+from ops.schemas import TRIPLET_COLUMNS
 from ops.storage import filesystem
 from pipelines.context import RunContext, Summary
 from pipelines import lake as lake_tables
@@ -32,10 +33,12 @@ def read_table(lake: Lake, table: str, columns: Sequence[str] | None = None,
                                storage_options=lake.storage_options)
 
 
-def read_manifest(uri: str, s3: dict, required: Sequence[str] = ("image_id", "uri"),
-                  optional: Sequence[str] = ("caption",), what: str = "manifest") -> ray.data.Dataset:
-    """A Parquet or CSV table of string columns (`what` names it in errors): `required`
-    ones must be there, `optional` ones are kept when they are."""
+def table_columns(uri: str, s3: dict, what: str = "manifest") -> list[str]:
+    """The column names of a Parquet file or folder, or of a CSV file's header, read
+    without Ray and without reading the rows; a ManifestError naming `what` when the
+    table is missing, unreadable or of another format."""
+    import pyarrow.dataset as pads
+
     fs, path = filesystem(uri, s3)
     try:
         info = fs.get_file_info(path)
@@ -43,25 +46,88 @@ def read_manifest(uri: str, s3: dict, required: Sequence[str] = ("image_id", "ur
         raise ManifestError(f"{what} {uri}: cannot be read: {e}") from None
     if info.type.name == "NotFound":
         raise ManifestError(f"{what} {uri} does not exist")
+    try:
+        if uri.endswith(".csv"):
+            with fs.open_input_stream(path) as f:
+                return list(pacsv.open_csv(f).schema.names)
+        if uri.endswith(".parquet") or info.type.name == "Directory":
+            return list(pads.dataset(path, filesystem=fs, format="parquet").schema.names)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ManifestError(f"{what} {uri}: cannot be read as a table: {str(e).splitlines()[0]}") from None
+    raise ManifestError(f"{what} {uri}: expected a .parquet file or folder, or a .csv file")
+
+
+def check_columns(uri: str, s3: dict, required: Sequence[str], what: str,
+                  one_of: Sequence[str] = ()) -> list[str]:
+    """The table's columns, after checking it has every `required` one (and at least one
+    of `one_of`); a ManifestError naming the table and the column otherwise."""
+    names = table_columns(uri, s3, what)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ManifestError(f"{what} {uri} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                            f"required: {', '.join(required)}")
+    if one_of and not any(c in names for c in one_of):
+        raise ManifestError(f"{what} {uri} has neither {' nor '.join(map(repr, one_of))} (columns: "
+                            f"{', '.join(names)}): each query names its reference image by one of them")
+    return names
+
+
+def read_manifest(uri: str, s3: dict, required: Sequence[str] = ("image_id", "uri"),
+                  optional: Sequence[str] = ("caption",), what: str = "manifest") -> ray.data.Dataset:
+    """A Parquet or CSV table of string columns (`what` names it in errors): `required`
+    ones must be there, `optional` ones are kept when they are."""
+    names = check_columns(uri, s3, required, what)
+    fs, path = filesystem(uri, s3)
     if uri.endswith(".csv"):
         # ids like 00012 must stay strings, not become the integer 12
         opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in (*required, *optional)},
                                     strings_can_be_null=True)
         ds = ray.data.read_csv(path, filesystem=fs, convert_options=opts)
-    elif uri.endswith(".parquet") or info.type.name == "Directory":
-        ds = ray.data.read_parquet(path, filesystem=fs)
     else:
-        raise ManifestError(f"{what} {uri}: expected a .parquet file or folder, or a .csv file")
-    names = ds.schema().names
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise ManifestError(f"{what} {uri} has no column {missing[0]!r} (columns: {', '.join(names)}); "
-                            f"required: {', '.join(required)}")
+        ds = ray.data.read_parquet(path, filesystem=fs)
     return ds.select_columns([c for c in (*required, *optional) if c in names])
 
 
 QUERY_COLUMNS = ("query_id", "modification_text")
-OPTIONAL_QUERY_COLUMNS = ("reference_id", "reference_uri", "shared_concept", "target_id")
+QUERY_REFERENCE_COLUMNS = ("reference_id", "reference_uri")
+OPTIONAL_QUERY_COLUMNS = (*QUERY_REFERENCE_COLUMNS, "shared_concept", "target_id")
+MANIFEST_COLUMNS = ("image_id", "uri")
+# Each catalogue input: the stages that read it, its required columns, and the columns
+# of which it needs at least one. Preflight and nightly check them before any work.
+CATALOGUE_INPUTS = {
+    "manifest": (("ingest",), MANIFEST_COLUMNS, ()),
+    "queries": (("rank",), QUERY_COLUMNS, QUERY_REFERENCE_COLUMNS),
+    "triplets": (("triplets", "finetune_embedder"), TRIPLET_COLUMNS, ()),
+}
+
+
+def check_inputs(cfg, stages: Sequence[str]) -> list[tuple[str, str]]:
+    """(what, detail) for each catalogue input that one of `stages` reads, checked to
+    exist and to have its columns (a ManifestError at the first that does not), and each
+    checkpoint a rank mode needs that none of `stages` trains (a CheckpointMismatch)."""
+    from model.checkpoints import CheckpointMismatch
+    from ops.rank import needs
+    from ops.storage import read_json
+
+    s3, out = dict(cfg.storage.s3), []
+    for name, (readers, required, one_of) in CATALOGUE_INPUTS.items():
+        if any(s in stages for s in readers):
+            uri = cfg.catalogue[name]
+            names = check_columns(uri, s3, required, name, one_of)
+            out.append((f"catalogue.{name}", f"{uri}: {', '.join(names)}"))
+    if "rank" in stages:
+        use = needs(cfg.rank.mode, cfg.rank.text_query)
+        for model, stage, key in (("prior", "train_stage1", cfg.train_stage1.output),
+                                  ("adapter", "train_stage2", cfg.train_stage2.output)):
+            if model not in use or stage in stages:
+                continue
+            if read_json(f"{key.rstrip('/')}/config.json", s3) is None:
+                raise CheckpointMismatch(
+                    f"rank.mode={cfg.rank.mode} needs the {model} at {stage}.output = {key}, and there is "
+                    f"none: run {stage} first, point {stage}.output at a checkpoint, or choose a mode "
+                    f"without it (query_only, joint)")
+            out.append((f"{stage}.output", f"{key}: a {model} checkpoint"))
+    return out
 
 
 def read_queries(ctx: RunContext) -> ray.data.Dataset:

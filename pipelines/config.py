@@ -1,5 +1,9 @@
 """The one config system: conf/base.yaml (every knob, documented) < deployment file < key=value.
 
+The shipped layers (base, demo, prod, catalogue, eval/*, bench/*) are package data under
+pipelines/conf, found through importlib.resources, so an installed `cirpipe` has them in
+any folder: `--config demo` names the shipped demo layer, `--config my.yaml` a file.
+
 The config is checked whole when it is loaded, before Ray starts or any model loads,
 and each problem is a ConfigError of one line naming the key, the value and what is
 allowed: an unknown key (and the file or argument it came from), a wrong type, a
@@ -13,6 +17,7 @@ scripts pass to load_config (`schemas=`); the pipeline never sees them.
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +28,7 @@ from model.errors import PipelineError
 from model.kinds import PREDICTION_TYPES
 from pipelines.registry import STAGES
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(str(files("pipelines").joinpath("conf")))
 BASE = CONF_DIR / "base.yaml"
 BENCH_SCHEMA = CONF_DIR / "bench" / "schema.yaml"
 
@@ -110,9 +115,7 @@ def load_config(
         paths = []
     elif isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    for path in paths:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+    for path in map(config_file, paths):
         try:
             layers.append((str(path), OmegaConf.load(path)))
         except Exception as e:  # yaml errors carry the line; keep them, name the file
@@ -132,6 +135,24 @@ def load_config(
     OmegaConf.set_readonly(resolved, True)
     OmegaConf.set_struct(resolved, True)
     return resolved
+
+
+def shipped_layers() -> list[str]:
+    """The layer names `--config` takes besides a file: demo, prod, catalogue, eval/cirr, ..."""
+    return sorted(str(p.relative_to(CONF_DIR).with_suffix("")) for p in CONF_DIR.rglob("*.yaml")
+                  if p.name not in ("base.yaml", "schema.yaml") and "examples" not in p.parts)
+
+
+def config_file(path: str | os.PathLike) -> Path:
+    """A config file given by its path, or a shipped layer by its name (`demo`, `eval/cirr`;
+    `conf/prod.yaml`, a checkout's path of a shipped layer, names it too)."""
+    if Path(path).is_file():
+        return Path(path)
+    name = str(path).removesuffix(".yaml").removeprefix("conf/")
+    if name in shipped_layers():
+        return CONF_DIR / f"{name}.yaml"
+    raise ConfigError(f"config file {str(path)!r} does not exist, and is none of the shipped layers "
+                      f"({', '.join(shipped_layers())})")
 
 
 # Ray workers (Ray Train's above all) run in folders of their own, so a relative path is

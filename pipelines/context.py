@@ -147,15 +147,68 @@ def init_ray(cfg) -> None:
     configure_ray_data(cfg)
 
 
+# What a quiet run (log.verbose: false) sets in the driver and every Ray worker: the
+# libraries' loading bars and advisory lines off; their warnings and errors stay.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "RAY_DEDUP_LOGS": "1", "LANCE_LOG": "error",
+             "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning:lance"}
+# Ray's loggers: a quiet run shows their errors only (their INFO lines are execution
+# plans, worker-group start-up, banners; their warnings are about Ray's own scheduling,
+# such as a dataset waiting for the CPUs a training run holds). Ray's session logs keep
+# every line.
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
+
+
+def quiet_logs(verbose: bool) -> None:
+    """The driver's side of log.verbose: the environment the libraries read when they
+    load, and the level of Ray's console handlers (their file handlers keep everything)."""
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if "File" not in type(handler).__name__:  # Ray's session-log handlers keep everything
+                handler.setLevel(logging.ERROR)
+        if not logger.handlers:
+            logger.setLevel(logging.ERROR)
+
+
+def ray_logs_folder() -> str | None:
+    """Where this process's Ray session keeps every process's full logs, if Ray runs."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 (only ever used to add a hint to an error)
+        return None
+    return None
+
+
 def start_ray_session(cfg) -> None:
+    import logging
+
     import ray
 
     # Ray Train's workers print every line twice without RAY_TRAIN_ENABLE_PRINT_PATCH=0:
     # its patched print goes to Train's logger and, since a Ray worker's stdout is not
     # sys.__stdout__, also to the stream (ray/train/v2/_internal/logging/patch_print.py).
     ctx_env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false",
-               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    kwargs = dict(runtime_env={"env_vars": ctx_env}, log_to_driver=True, include_dashboard=False)
+               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if cfg.log.verbose else QUIET_ENV)}
+    # Quiet: the workers' own lines (Ray Train's controller, Ray Data's split coordinators,
+    # Ray's C++ core) stay in the session logs; the driver prints the stages' progress bars
+    # and lines, and a worker's error still reaches the command as its exception.
+    kwargs = dict(runtime_env={"env_vars": ctx_env}, log_to_driver=bool(cfg.log.verbose),
+                  include_dashboard=False,
+                  logging_level=logging.INFO if cfg.log.verbose else logging.ERROR)
     if cfg.ray.address:
         # A cluster (or a `ray job submit` job) brings its own runtime env: passing one
         # here would replace the job's working_dir.
@@ -168,9 +221,12 @@ def start_ray_session(cfg) -> None:
 def configure_ray_data(cfg) -> None:
     import ray
 
+    quiet_logs(cfg.log.verbose)
     data = ray.data.DataContext.get_current()
     data.enable_progress_bars = bool(cfg.ray.progress_bars)
     data.verbose_stats_logs = False
+    # The "Execution plan" and "Starting execution" lines of every dataset.
+    data.print_on_execution_start = bool(cfg.log.verbose)
     # An op's refusal (a PipelineError) must reach the command line: Ray Data wraps a
     # task's error in a UserCodeException that keeps it only in `__cause__`, which Ray
     # does not carry from the worker to the driver.

@@ -52,7 +52,7 @@ from model.training import (
 from ops.finetune import TARGET_TEXT_COLUMNS, TEXT_TO_IMAGE_COLUMNS, target_text_rows, text_to_image_rows
 from ops.images import ImageRejected, load_image
 from ops.storage import copy_dir
-from ops.triplets import TRIPLET_COLUMNS
+from ops.schemas import TRIPLET_COLUMNS
 from pipelines.common import read_manifest, read_table
 from pipelines.config import plain
 from pipelines.context import RunContext, Summary
@@ -91,9 +91,9 @@ def _build_embedder(cfg, device: str) -> tuple[FusedEmbedder, list[torch.nn.Para
     return embedder, [p for _, p in named], [n for n, _ in named]
 
 
-def _load_images(uris: list[str], shas: list[str], s3: dict) -> list:
+def _load_images(uris: list[str], shas: list[str], s3: dict, background: str) -> list:
     try:
-        return [load_image(u, s3, s) for u, s in zip(uris, shas)]
+        return [load_image(u, s3, background, s) for u, s in zip(uris, shas)]
     except ImageRejected as e:
         raise TrainingError(f"finetune_embedder: {e}") from None
 
@@ -192,9 +192,9 @@ def train_loop(config: dict) -> None:
                     embedder, tasks,
                     caption_texts=[] if t2i is None else list(t2i["text"]),
                     caption_images=[] if t2i is None else _load_images(
-                        list(t2i["image_uri"]), list(t2i["image_sha256"]), s3),
+                        list(t2i["image_uri"]), list(t2i["image_sha256"]), s3, cfg.images.alpha_background),
                     references=[] if tt is None else _load_images(
-                        list(tt["source_uri"]), list(tt["source_sha256"]), s3),
+                        list(tt["source_uri"]), list(tt["source_sha256"]), s3, cfg.images.alpha_background),
                     modifications=[] if tt is None else list(tt["instruction"]),
                     target_texts=[] if tt is None else list(tt["target_description"]),
                     caption_image_keys=None if t2i is None else list(t2i["image_sha256"]),
@@ -293,7 +293,8 @@ def run(ctx: RunContext, faults: dict | None = None) -> Summary:
           f"an epoch, {total} steps, {tc.num_workers} worker(s); run {tc.storage}/{f.run_name}", flush=True)
     loop_config = {"cfg": ctx.conf, "total_steps": total, "steps_per_epoch": per_epoch,
                    "tasks": list(datasets), "faults": faults}
-    checkpoint = fit(train_loop, loop_config, tc, f.run_name, datasets, lake.s3, "finetune_embedder")
+    checkpoint = fit(train_loop, loop_config, tc, f.run_name, datasets, lake.s3, "finetune_embedder",
+                     verbose=cfg.log.verbose)
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, "train_state.json")) as fh:
             state = json.load(fh)

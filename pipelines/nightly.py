@@ -14,6 +14,7 @@ import json
 import time
 
 from ops.storage import filesystem, read_json, write_bytes
+from pipelines.common import check_inputs
 from pipelines.context import RunContext, Summary, new_run_id
 from pipelines.registry import STAGES
 
@@ -66,6 +67,9 @@ def run(cfg, stages: list[str] | None = None, dry_run: bool = False) -> dict:
         fs, path = filesystem(cfg.catalogue.manifest, dict(cfg.storage.s3))
         if fs.get_file_info(path).type.name == "NotFound":
             print(STAGES["synth"].run(ctx).line(), flush=True)
+    # A missing input or checkpoint is refused before the night's first stage, not after
+    # the stages before the one that reads it.
+    check_inputs(cfg, [s for s in stages if s not in state["done"]])
     for stage in stages:
         if stage in state["done"]:
             continue

@@ -7,6 +7,9 @@ spent, in one table of OK / PROBLEM lines, each problem with its fix.
 - memory: each model's weights (counted on the meta device) times
   preflight.memory_headroom against the GPUs its actor asks for, of
   preflight.gpu_memory_gib each;
+- the catalogue's inputs that the nightly's stages read (manifest, queries, triplets):
+  there, with their columns; the checkpoints a rank mode needs that no stage of the
+  night trains;
 - the store: a file written, read back and deleted under storage.root;
 - the cluster: each stage's actor fits what Ray has (unless ray.autoscaling).
 
@@ -153,6 +156,23 @@ def lake_checks(ctx) -> list[Check]:
     return out
 
 
+def input_checks(cfg) -> list[Check]:
+    """The catalogue's inputs and the rank mode's checkpoints, as `nightly` checks them
+    before its first stage (pipelines/common.py `check_inputs`)."""
+    from pipelines.common import check_inputs
+    from ops.storage import filesystem
+
+    fs, path = filesystem(cfg.catalogue.manifest, dict(cfg.storage.s3))
+    if cfg.synthetic.enabled and fs.get_file_info(path).type.name == "NotFound":
+        return [Check("catalogue inputs", True, "drawn by the synth stage (synthetic.enabled)")]
+    try:
+        return [Check(what, True, detail) for what, detail in check_inputs(cfg, list(cfg.nightly.stages))]
+    except PipelineError as e:
+        return [Check("catalogue inputs and checkpoints", False, str(e),
+                      "point the catalogue.* keys at the tables (conf/examples/ has one of each), or "
+                      "train the checkpoints first")]
+
+
 def cluster_checks(ctx) -> list[Check]:
     cfg, out = ctx.cfg, []
     if cfg.ray.autoscaling:
@@ -173,7 +193,8 @@ def cluster_checks(ctx) -> list[Check]:
 
 def run(ctx) -> list[Check]:
     """Every check, in order; prints the table; raises PreflightFailed on a problem."""
-    checks = model_checks(ctx.cfg) + memory_checks(ctx.cfg) + lake_checks(ctx) + cluster_checks(ctx)
+    checks = (model_checks(ctx.cfg) + memory_checks(ctx.cfg) + input_checks(ctx.cfg) + lake_checks(ctx)
+              + cluster_checks(ctx))
     print(render(checks))
     problems = [c for c in checks if not c.ok]
     if problems:

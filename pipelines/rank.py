@@ -57,18 +57,19 @@ NOT_SHAPING_RANKINGS = ("run_id", "reuse_unchanged", "keep_runs")
 
 
 def run(ctx: RunContext) -> Summary:
-    ctx.start_ray()
     cfg, lake = ctx.cfg, ctx.lake
     summary = Summary("rank", note=f"run {ctx.run_id}")
+    # What can be refused without Ray is refused first, before any Ray start-up or read.
+    use = needs(cfg.rank.mode, cfg.rank.text_query)
+    checkpoints = checkpoint_uris(ctx, use)
     search_kind = check_gallery(ctx)
+    ctx.start_ray()
     # Read once into the object store: counted, checked for repeated ids and resolved
     # from there (each read of a small file costs a Ray Data job, about 2 s).
     queries = read_queries(ctx).materialize()
     summary.read = queries.count()
     if summary.read == 0:
         raise RankError(f"the queries table {cfg.catalogue.queries} is empty: nothing to rank")
-    use = needs(cfg.rank.mode, cfg.rank.text_query)
-    checkpoints = checkpoint_uris(ctx, use)
     versions = model_versions(ctx, use)
     repeated = duplicate_ids(
         queries,

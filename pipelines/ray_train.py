@@ -155,10 +155,12 @@ def raise_if_stopped(storage: str, run_name: str, s3: dict, label: str) -> None:
         )
 
 
-def fit(loop, loop_config: dict, train_conf, run_name: str, datasets: dict, s3: dict, label: str):
+def fit(loop, loop_config: dict, train_conf, run_name: str, datasets: dict, s3: dict, label: str,
+        verbose: bool = False):
     """Runs `loop` on a TorchTrainer of `train_conf` (conf `train`: workers, GPUs, storage,
     failures, checkpoints kept) as Ray Train run `run_name`, its datasets read in order;
-    returns the newest checkpoint. A run that failed past its restarts, stopped itself
+    returns the newest checkpoint; `verbose` (conf log.verbose) shows Ray Train's own INFO
+    lines (worker-group start-up, resource requests). A run that failed past its restarts, stopped itself
     (a non-finite loss) or made no checkpoint raises TrainingError naming it."""
     tc = train_conf
     clear_stop(tc.storage, run_name, s3)
@@ -178,6 +180,7 @@ def fit(loop, loop_config: dict, train_conf, run_name: str, datasets: dict, s3: 
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()),

@@ -11,11 +11,13 @@ Written to <report.dir>/<run_id>/index.html; <report.dir>/index.html points at t
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import os
 import re
 import time
+from urllib.parse import quote
 
 import pyarrow as pa
 
@@ -56,9 +58,9 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
 
 
-def _thumb(uri: str, s3: dict, size: int) -> bytes | None:
+def _thumb(uri: str, s3: dict, size: int, background: str) -> bytes | None:
     try:
-        im = load_image(uri, s3)
+        im = load_image(uri, s3, background)
     except ImageRejected:
         return None
     im.thumbnail((size, size))
@@ -69,14 +71,42 @@ def _thumb(uri: str, s3: dict, size: int) -> bytes | None:
 
 def _figure(src: str | None, caption: str, target: bool, text: str | None = None) -> str:
     """An image with its label and (text) the captioner's caption of it."""
-    img = f'<img src="{html.escape(src)}" alt="{html.escape(caption)}">' if src else "<div>(missing)</div>"
+    img = (f'<img src="{html.escape(quote(src))}" alt="{html.escape(caption)}">' if src
+           else "<div>(missing)</div>")
     css = "target" if target else ""
     said = f"<br><i>{html.escape(text)}</i>" if text else ""
     return f'<figure class="{css}">{img}<figcaption>{html.escape(caption)}{said}</figcaption></figure>'
 
 
+def thumb_name(image_id: str) -> str:
+    """A thumbnail's file name: the id's safe characters (readable in a listing) and a
+    digest of the whole id (so that ids differing in other characters never collide, and
+    no id can name a path outside the page's folder)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", str(image_id))[:64].lstrip(".")
+    return f"{readable}-{hashlib.sha256(str(image_id).encode()).hexdigest()[:12]}.jpg"
+
+
+def newest_run(ctx: RunContext) -> str:
+    """The run the page shows: the command's own when it ranked (nightly), the one
+    `rank.run_id` names, or else (`report` run alone) the newest run in `rankings`."""
+    rankings = ctx.lake.open("rankings")
+    if rankings is None:
+        raise TableError(f"no rankings table at {ctx.lake.uri('rankings')}: run rank first")
+    ranked_here = any(line.startswith("[rank]") for line in ctx.lines)
+    if ranked_here or ctx.cfg.rank.run_id or rankings.count_rows(filter=f"run_id = '{ctx.run_id}'"):
+        return ctx.run_id
+    # Runs are appended whole (a rerun's old rows deleted first), so the last row is the
+    # newest published run's.
+    last = rankings.count_rows() - 1
+    if last < 0:
+        raise TableError(f"the rankings table {ctx.lake.uri('rankings')} is empty: run rank first")
+    return rankings.to_table(columns=["run_id"], offset=last, limit=1).column("run_id")[0].as_py()
+
+
 def run(ctx: RunContext) -> Summary:
-    """The page of the context's run, for the first `report.num_queries` queries."""
+    """The page of the context's run (see `newest_run`), for the first `report.num_queries` queries."""
+    if not ctx.page_runs:
+        ctx = ctx.with_settings(run_id=newest_run(ctx))
     ctx.start_ray()
     queries = read_queries(ctx).take_all()
     sample = pa.Table.from_pylist(
@@ -131,10 +161,11 @@ def write(ctx: RunContext, queries_table: pa.Table, run_ids: dict[str, str] | No
     said = {k: v["caption_short"] for k, v in captions.items()}
     thumbs = {}
     for image_id in sorted(image_ids):
-        data = _thumb(uris[image_id], lake.s3, r.thumbnail_size) if image_id in uris else None
+        data = (_thumb(uris[image_id], lake.s3, r.thumbnail_size, ctx.cfg.images.alpha_background)
+                if image_id in uris else None)
         if data is not None:
-            write_bytes(f"{out}/thumbs/{image_id}.jpg", data, lake.s3)
-            thumbs[image_id] = f"thumbs/{image_id}.jpg"
+            write_bytes(f"{out}/thumbs/{thumb_name(image_id)}", data, lake.s3)
+            thumbs[image_id] = f"thumbs/{thumb_name(image_id)}"
     body = []
     for qid in qids:
         q, ref = queries[qid], queries[qid].get("reference_id")

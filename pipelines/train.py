@@ -389,7 +389,7 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     train_rows = training_rows(read_table(lake, table, [key, *columns], filter=flt), rows, key,
                                tc.materialize_max_rows, tc.key_order_rows_per_block)
     checkpoint = fit(train_loop, loop_config, tc, sc.run_name, {"train": train_rows}, lake.s3,
-                     f"train_{stage}")
+                     f"train_{stage}", verbose=cfg.log.verbose)
     state = export(cfg, stage, checkpoint, lake.s3)
     resumed = before.get("step", 0)
     restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)

@@ -10,7 +10,8 @@ from model.mllm import embedder_id
 from model.text_encoder import text_encoder_name
 from ops.schemas import triplet_embeddings_schema
 from ops.rank import describer_id
-from ops.triplets import DESCRIBED, TRIPLET_COLUMNS, TripletEmbedOp, hash_triplets, staged_schema
+from ops.schemas import TRIPLET_COLUMNS
+from ops.triplets import DESCRIBED, TripletEmbedOp, hash_triplets, staged_schema
 from pipelines.common import (
     StageOutput,
     check_embedder,

@@ -1,4 +1,4 @@
-"""Toy-size checkpoints in the real repositories' layouts (issue 13).
+"""Toy-size checkpoints in the real repositories' layouts.
 
 The demo's tiny models are saved by today's transformers in today's form; the real
 checkpoints the production config names were saved by older versions in older forms,

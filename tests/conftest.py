@@ -30,6 +30,25 @@ def tiny_models(tmp_path_factory):
     return {"mllm": str(root / "models" / "mllm"), "t5": str(root / "models" / "t5"), "run_dir": str(root)}
 
 
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """An untrained tiny prior and adapter (the rank stage's inputs; training is tested elsewhere)."""
+    import torch
+
+    from model.prior import ControlAdapter, FusionDiffPrior
+    from pipelines.config import plain
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    prior = FusionDiffPrior(d_vl=64, cond_dim=64, **plain(load_config("conf/demo.yaml").prior))
+    with torch.no_grad():  # open the zero-initialised gates, as training would
+        for p in prior.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prior.save_pretrained(f"{root}/prior")
+    ControlAdapter.from_prior(prior).save_pretrained(f"{root}/adapter")
+    return f"{root}/prior", f"{root}/adapter"
+
+
 def tiny_overrides(run_dir, tiny_models, *extra) -> list[str]:
     """key=value overrides of the demo config for a test: its run_dir, the session's tiny models, quiet logs."""
     return [

@@ -31,9 +31,9 @@ def batch(tmp_path):
 
 @pytest.mark.fast
 def test_requests_one_per_caption_to_write_and_rejects(batch):
-    conf = plain(load_config("conf/demo.yaml"))
-    rows = CaptionRequestOp(conf, None)(batch).to_pylist()
-    conf = conf["caption"]
+    whole = plain(load_config("conf/demo.yaml"))
+    rows = CaptionRequestOp(whole, None)(batch).to_pylist()
+    conf = whole["caption"]
     kinds = [(r["image_id"], r["kind"]) for r in rows]
     # a: the manifest's caption is its short one; b: both generated; bad: one reject row.
     assert kinds == [("a", "long"), ("b", "long"), ("b", "short"), ("bad", "long")]
@@ -44,7 +44,7 @@ def test_requests_one_per_caption_to_write_and_rejects(batch):
     png = base64.b64decode(rows[1]["image_url"].split(",", 1)[1])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(batch["uri"][1].as_py()).convert("RGB")))
     # Without the manifest's caption, every image gets a short one generated.
-    no_manifest = CaptionRequestOp({"caption": {**conf, "short_from_manifest": False}}, None)(batch).to_pylist()
+    no_manifest = CaptionRequestOp({**whole, "caption": {**conf, "short_from_manifest": False}}, None)(batch).to_pylist()
     assert [(r["image_id"], r["kind"]) for r in no_manifest][:3] == [("a", "long"), ("a", "short"), ("b", "long")]
 
 

@@ -56,7 +56,7 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert err.startswith("error: ") and "ingest.batch_size" in err and "Traceback" not in err
 
 
-# One case per kind of rule, and the degenerate values a tester tried (issue 17's list):
+# One case per kind of rule, and the degenerate values a tester tried:
 # each is refused at load, before Ray starts, with the key, the value and what is allowed.
 @pytest.mark.parametrize("override, message", [
     ("sampling.sampler=foo", "sampling.sampler='foo': expected one of dpmsolver++, ddpm"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -65,3 +66,37 @@ def test_lines_fit():
             for p in sorted((ROOT / folder).glob("*.py"))
             for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > MAX_LINE]
     assert not long, f"{len(long)} lines over {MAX_LINE} characters: {long[:10]}"
+
+
+# Code, conf and README say why, not what was measured when: history lives in git. A
+# commit hash is 7 to 40 hex digits with a digit and a letter among them, not part of a
+# longer word or path; an issue number is "issue 12", "issues 3 and 4" or "(#12)".
+COMMIT_HASH = re.compile(r"(?<![0-9A-Za-z_./-])(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}(?![0-9A-Za-z_])")
+ISSUE_NUMBER = re.compile(r"(?i)\bissues?\s*#?\d+|(?<=[\s(])#\d+\b")
+HISTORY_FREE = ("model", "ops", "pipelines", "bench", "infra", "tests")
+
+
+def history_in(text: str) -> list[str]:
+    return [m.group(0) for rx in (COMMIT_HASH, ISSUE_NUMBER) for m in rx.finditer(text)]
+
+
+def history_free_files() -> list[pathlib.Path]:
+    files = [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    for folder in HISTORY_FREE:
+        files += [p for p in sorted((ROOT / folder).rglob("*"))
+                  if (p.suffix in (".py", ".yaml", ".yml", ".md", ".toml") or p.name == "Dockerfile")
+                  and p != pathlib.Path(__file__)]  # this file plants examples
+    return files
+
+
+def test_no_commit_hash_or_issue_number_in_code_conf_or_readme():
+    found = [f"{p.relative_to(ROOT)}:{n}: {hit}" for p in history_free_files()
+             for n, line in enumerate(p.read_text().splitlines(), 1) for hit in history_in(line)]
+    assert not found, f"history belongs in git, not here: {found[:10]}"
+
+
+def test_the_history_check_sees_a_planted_hash_and_issue_number():
+    assert history_in("the table at 4bfef90 (see issue 14)") == ["4bfef90", "issue 14"]
+    assert history_in("fixed in (#42), README line 3") == ["#42"]
+    # Not history: CSS colours, sha256 fields, words, paths, ray-project/ray#65129-like links.
+    assert history_in("color:#222 sha256 deadbeef-like abcdef0 run_20261207T101500Z x/a1b2c3d4") == ["abcdef0"]

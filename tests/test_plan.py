@@ -46,7 +46,7 @@ def test_the_prod_bill_of_33m_images_names_each_rate_source():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     caption = next(line for line in lines if line.startswith("caption"))
-    # 33M captions x 120 tokens at 2,733 tokens/s: about 400 H100-hours (issue 15's bill).
+    # 33M captions x 120 tokens at 2,733 tokens/s: about 400 H100-hours.
     assert " 402.5 " in caption and "measured" in caption
     assert "assumed" in next(line for line in lines if line.startswith("train_stage2"))
     assert lines[-1].startswith("[plan] 8 GPU stages")

@@ -122,23 +122,6 @@ def test_each_run_mode_gives_unit_query_vectors(tmp_path_factory, tiny_models, m
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """An untrained tiny prior and adapter (the rank stage's inputs; training is tested elsewhere)."""
-    from model.prior import ControlAdapter, FusionDiffPrior
-    from pipelines.config import load_config, plain
-
-    root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    prior = FusionDiffPrior(d_vl=64, cond_dim=64, **plain(load_config("conf/demo.yaml").prior))
-    with torch.no_grad():  # open the zero-initialised gates, as training would
-        for p in prior.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    prior.save_pretrained(f"{root}/prior")
-    ControlAdapter.from_prior(prior).save_pretrained(f"{root}/adapter")
-    return f"{root}/prior", f"{root}/adapter"
-
-
-@pytest.fixture(scope="module")
 def s3_lake(tmp_path_factory, tiny_models, ray_local, s3_server, checkpoints):
     """The demo catalogue ingested, captioned and embedded into an s3:// lake, plus two bad queries."""
     from ops.storage import copy_dir
