@@ -259,7 +259,7 @@ def search(ctx: RunContext, resolved: ray.data.Dataset, search_kind: str) -> lan
 def search_batch(batch: pa.Table, conf: dict, tables: Lake, search_kind: str) -> pa.Table:
     """GallerySearch as a task, not an actor: it holds no model, and a task runs in a
     worker that has imported ops/ where an actor starts a process and imports torch
-    again (about 4.5 s a run: the demo benchmark's six rank runs took 93.0 s, 66.5 s so)."""
+    again, a fixed cost of every rank run."""
     return GallerySearch(conf, tables, search_kind)(batch)
 
 

@@ -1,12 +1,17 @@
 """What the Ray Train stages share (`train_stage1`, `train_stage2`, `finetune_embedder`):
-finding a run's newest checkpoint, the rows in key order and their ordered ingest, the
-all-reduced finite-loss check, the fault drills' switch, and the export of a run's
-metrics beside its model."""
+the one training loop (`run_worker`) and what it asks of a stage (`Trainable`), finding a
+run's newest checkpoint, the rows in key order and their ordered ingest, the all-reduced
+finite-loss check, the fault drills (`Faults`), the step plan and the summary of a run,
+and the export of a run's metrics beside its model."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
 
 import ray
 import ray.train
@@ -14,6 +19,8 @@ import ray.train.torch
 import torch
 
 from model.errors import PipelineError
+from model.training import OptimConfig, apply_step, load_training_state, make_optimizer, make_scheduler
+from model.training import save_training_state
 from ops.plots import line_chart_png
 from ops.storage import filesystem, read_json, write_bytes
 
@@ -193,3 +200,212 @@ def fit(loop, loop_config: dict, train_conf, run_name: str, datasets: dict, s3: 
     if result.checkpoint is None:
         raise TrainingError(f"{label} finished without a checkpoint under {tc.storage}/{run_name}")
     return result.checkpoint
+
+
+# ---------------------------------------------------------------- the one training loop
+
+
+class Faults:
+    """The fault drills of a run (tests and drills only, never config): `fail_at_step`
+    makes the last worker raise once at that step, `nan_at_step` makes the loss NaN there.
+    The loop calls these hooks; a production run's spec is empty and they do nothing."""
+
+    def __init__(self, spec: dict, run_dir: str, run: str):
+        self.spec, self.run_dir, self.run = spec, run_dir, run
+
+    def before_step(self, step: int, rank: int, world: int) -> None:
+        maybe_inject_failure(self.run_dir, self.spec, self.run, step, rank, world)
+
+    def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        return loss * float("nan") if self.spec.get("nan_at_step") == step else loss
+
+
+def faults_of(faults: dict | None) -> dict:
+    """The drills' spec: given by a test, else the FAULTS_ENV variable's JSON, else none."""
+    return faults if faults is not None else json.loads(os.environ.get(FAULTS_ENV) or "{}")
+
+
+class Trainable:
+    """What a training stage supplies to `run_worker`; the loop does the rest (epochs and
+    skipping on resume, the non-finite stop, metrics, checkpoints, the resume arithmetic).
+
+    A subclass is built in each worker as `Cls(cfg, config, device, rank, world)` and sets
+    `params` (the trained tensors) and `optim` (its OptimConfig) there."""
+
+    stage: str  # what train_state.json's "stage" says (a run folder of another is refused)
+    label: str  # how lines and errors name the stage
+    run_name: str
+    batch_size: int  # the global batch of a step (split over the workers)
+    samples_per_step: int  # rows a step trains on, for samples/s
+    prefetch = False  # prepare() the next batch in a thread while a step runs
+    params: list
+    optim: OptimConfig
+
+    def load(self, directory: str) -> None:
+        """The trained weights from a checkpoint folder (read once per worker start)."""
+        raise NotImplementedError
+
+    def make_ema(self):
+        """The EMA of the weights to keep (None: none), made after `load` and updated by
+        the stage's `after_step`; the loop saves and restores it with the optimiser."""
+        return None
+
+    def ready(self) -> None:
+        """After the weights and optimiser state are in place: DDP, compilation, encoders."""
+
+    def epoch_batches(self, shards: dict, per_worker: int, shuffle_seed: int) -> Iterable[Any]:
+        """One epoch of this worker's batches, read to the end of its shards; None for a
+        position that cannot make a step (one task's shard ran out first)."""
+        raise NotImplementedError
+
+    def prepare(self, batch) -> Any:
+        """What the step needs of a batch (tensors, decoded images)."""
+        return batch
+
+    def step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one batch, its gradients averaged over the workers:
+        (the batch's mean loss, detached; named parts of it for the metrics)."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """After the optimiser's step (the EMA's update, where the stage keeps one)."""
+
+    def save(self, directory: str) -> None:
+        """The trained weights into a checkpoint folder being written."""
+        raise NotImplementedError
+
+    def finish(self, state: dict) -> None:
+        """Worker 0, after the last step (or at once, for a finished run)."""
+
+
+def _usable(batches: Iterable, skip: int, per_epoch: int) -> Iterator:
+    """An epoch's batches from the resume point on, up to the epoch's steps; the shard is
+    still read to its end (Ray Data's split expects every worker to)."""
+    for i, batch in enumerate(batches):
+        if skip <= i < per_epoch and batch is not None:
+            yield batch
+
+
+def _prefetched(items: Iterable, prepare, ahead: bool) -> Iterator:
+    """prepare(item) of each item; with `ahead`, the next one's in a thread while the
+    caller works on the current one (image decoding beside the step)."""
+    if not ahead:
+        yield from map(prepare, items)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for item in items:
+            nxt = pool.submit(prepare, item)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+def _save(task: Trainable, opt, sched, ema, state: dict, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        task.save(d)
+        save_training_state(d, opt, sched, ema, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def run_worker(task_class: type[Trainable], config: dict) -> None:
+    """The training loop of every Ray Train stage, in each worker. `config`: the whole
+    plain config (`cfg`), `total_steps`, `steps_per_epoch`, `shards` (dataset names) and
+    `faults`, plus what the stage's Trainable reads."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(config["cfg"])
+    total, per_epoch, tc = config["total_steps"], config["steps_per_epoch"], cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    seed = training_seed(cfg)
+    task = task_class(cfg, config, device, rank, world)
+    faults = Faults(config["faults"], cfg.run_dir, f"{task.stage}_{task.run_name}")
+    opt = make_optimizer(task.params, task.optim, fused=tc.fused_optimizer)
+    sched = make_scheduler(opt, task.optim, total)
+    state = {"stage": task.stage, "step": 0, "metrics": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        ema = task.make_ema()
+    else:
+        with checkpoint.as_directory() as d:  # one download a worker start
+            task.load(d)
+            ema = task.make_ema()
+            state = load_training_state(d, opt, sched, ema)
+        state.setdefault("resumes", []).append(state["step"])
+        if rank == 0:
+            print(f"[{task.label}] resuming at step {state['step']}/{total}", flush=True)
+    task.ready()
+    shards = {name: ray.train.get_dataset_shard(name) for name in config["shards"]}
+    per_worker = task.batch_size // world
+    tick, trained = time.perf_counter(), False
+    while state["step"] < total:
+        start_step = state["step"]
+        shuffle_seed = seed * 1_000_003 + start_step // per_epoch
+        batches = _usable(task.epoch_batches(shards, per_worker, shuffle_seed), start_step % per_epoch, per_epoch)
+        for batch in _prefetched(batches, task.prepare, task.prefetch):
+            if state["step"] >= total:
+                continue
+            step = state["step"]
+            faults.before_step(step, rank, world)
+            loss, parts = task.step(batch, step)
+            loss = faults.loss(loss, step)
+            mean_loss, finite = finite_mean(loss, world, device)
+            if not finite:  # every worker stops here, before the weights are touched
+                if rank == 0:
+                    write_stop(tc.storage, task.run_name, step, float(loss), dict(cfg.storage.s3))
+                return
+            grad_norm = apply_step(opt, sched, task.params, task.optim.grad_clip)
+            task.after_step()
+            state["step"], trained, now = step + 1, True, time.perf_counter()
+            row = {"step": step + 1, "epoch": step // per_epoch, "loss": mean_loss, **parts,
+                   "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                   "samples_per_s": task.samples_per_step / max(now - tick, 1e-9)}
+            tick = now
+            if (step + 1) % tc.log_every == 0 or step + 1 == total:
+                state["metrics"].append(row)
+                if rank == 0:
+                    detail = "".join(f" {k.removeprefix('loss_')} {v:.4f}" for k, v in parts.items())
+                    print(f"[{task.label}] step {step + 1}/{total} loss {mean_loss:.4f}{detail} "
+                          f"lr {row['lr']:.2e} grad norm {grad_norm:.3g} {row['samples_per_s']:.0f} samples/s",
+                          flush=True)
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
+                if rank == 0:
+                    _save(task, opt, sched, ema, state, row)
+                else:
+                    ray.train.report(row)
+        if state["step"] == start_step:
+            raise TrainingError(f"worker {rank} read no batch of {per_worker} rows from its shards: "
+                                f"the inputs are smaller than they were when the run started")
+    if rank == 0:
+        if not trained:
+            print(f"[{task.label}] the run had already finished ({total} steps): nothing to train", flush=True)
+        task.finish(state)
+
+
+def plan_steps(rows: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int]:
+    """(steps an epoch, total steps) of a run over `rows` rows (max_steps > 0 caps it)."""
+    per_epoch = rows // batch_size
+    total = per_epoch * epochs
+    return per_epoch, min(total, max_steps) if max_steps > 0 else total
+
+
+def dry_run_summary(summary, per_epoch: int, before: dict, total: int):
+    summary.extra.update(steps_per_epoch=per_epoch, resume_from=before.get("step", 0), total=total)
+    summary.note = "dry run: no worker started, nothing was written"
+    return summary
+
+
+def run_summary(summary, before: dict, state: dict, total: int):
+    """The counts of a finished run: the steps this command trained (written), where it
+    resumed from, and the worker restarts Ray Train made during it."""
+    resumed = before.get("step", 0)
+    restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)
+    summary.written = state["step"] - resumed
+    summary.extra.update(resumed_from=resumed, step=state["step"], total=total, restarts=max(0, restarts),
+                         loss=state["metrics"][-1]["loss"] if state["metrics"] else float("nan"))
+    return summary

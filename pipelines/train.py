@@ -19,32 +19,22 @@ checkpoints were made with another model size.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-import time
 
 import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from omegaconf import OmegaConf
 
 from model.checkpoints import CheckpointMismatch, load_prior, prior_config_with_defaults
 from model.diffusion import DiffusionConfig, ddpm_scheduler, diffusion_loss
 from model.prior import ControlAdapter, FusionDiffPrior, compile_blocks, compile_mode
 from model.text_encoder import load_text_encoder_from_conf, text_encoder_dim, text_encoder_name
-from model.training import (
-    EMA,
-    OptimConfig,
-    accumulate_gradients,
-    apply_step,
-    load_training_state,
-    make_optimizer,
-    make_scheduler,
-    save_training_state,
-)
+from model.training import EMA, OptimConfig, accumulate_gradients
 from ops.conditions import conditions_from_columns
 from ops.storage import copy_dir, local_copy, read_json
 from pipelines.common import read_table
@@ -52,16 +42,18 @@ from pipelines.config import plain
 from pipelines.context import RunContext, Summary
 from pipelines.lake import check_vector_dim
 from pipelines.ray_train import (
-    FAULTS_ENV,
+    Trainable,
     TrainingError,
-    finite_mean,
+    dry_run_summary,
+    faults_of,
     fit,
-    maybe_inject_failure,
+    plan_steps,
     resumable_state,
+    run_summary,
+    run_worker,
     training_rows,
     training_seed,
     write_metrics,
-    write_stop,
 )
 
 MODEL_DIR, EMA_MODEL_DIR = "model", "ema_model"
@@ -143,172 +135,104 @@ def _batch_tensors(batch: dict, stage: str, encoder, cond_dim: int, device) -> t
     return z0, zq, c.to(device), m.to(device)
 
 
-def _save_checkpoint(model, opt, sched, ema: EMA | None, state: dict, metrics: dict) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(os.path.join(d, MODEL_DIR))
-        if ema is not None:
-            shadow = type(model).from_config(model.config)
-            ema.copy_to(shadow)
-            shadow.save_pretrained(os.path.join(d, EMA_MODEL_DIR))
-        save_training_state(d, opt, sched, ema, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+class DiffusionStage(Trainable):
+    """Stage 1 (the prior) or Stage 2 (the Control-Adapter on a frozen prior) in a worker:
+    what the shared loop (pipelines/ray_train.py run_worker) asks of a stage."""
 
+    def __init__(self, cfg, config: dict, device, rank: int, world: int):
+        stage = self.stage = config["stage"]
+        self.cfg, self.device, self.label = cfg, device, f"train_{stage}"
+        sc, tc = cfg[f"train_{stage}"], cfg.train
+        self.sc, self.tc, self.run_name = sc, tc, sc.run_name
+        self.batch_size = self.samples_per_step = sc.batch_size
+        self.prior_config, self.rank = config["prior_config"], rank
+        if stage == "stage1":
+            torch.manual_seed(training_seed(cfg))  # the same initial weights in every run of this config
+            self.prior = self.model = FusionDiffPrior(**self.prior_config)
+        else:
+            with tempfile.TemporaryDirectory() as cache:
+                self.prior = load_prior(
+                    local_copy(sc.prior, plain(cfg.storage.s3), cache), expected=_expected(self.prior_config)
+                )
+            self.prior.requires_grad_(False).eval()
+            self.model = ControlAdapter.from_prior(self.prior)
+        self.prior.to(device)
+        self.model.to(device)
+        self.optim = OptimConfig.from_conf(plain(sc))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = None
 
-def train_loop(config: dict) -> None:
-    cfg = OmegaConf.create(config["cfg"])
-    stage, total, per_epoch = config["stage"], config["total_steps"], config["steps_per_epoch"]
-    faults = config["faults"]
-    sc, tc = cfg[f"train_{stage}"], cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    def load(self, directory: str) -> None:
+        loaded = type(self.model).from_pretrained(os.path.join(directory, MODEL_DIR))
+        self.model.load_state_dict(loaded.state_dict())
 
-    prior_config = config["prior_config"]
-    seed = training_seed(cfg)
-    if stage == "stage1":
-        torch.manual_seed(seed)  # the same initial weights in every run of this config
-        prior = model = FusionDiffPrior(**prior_config)
-    else:
-        with tempfile.TemporaryDirectory() as cache:
-            prior = load_prior(
-                local_copy(sc.prior, plain(cfg.storage.s3), cache), expected=_expected(prior_config)
-            )
-        prior.requires_grad_(False).eval()
-        model = ControlAdapter.from_prior(prior)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(type(model).from_pretrained(os.path.join(d, MODEL_DIR)).state_dict())
-    prior.to(device)
-    model.to(device)
-    optim = OptimConfig.from_conf(plain(sc))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optim, fused=tc.fused_optimizer)
-    sched = make_scheduler(opt, optim, total)
-    ema = EMA(model, sc.ema_decay) if sc.ema_decay > 0 and rank == 0 else None
-    state = {"stage": stage, "step": 0, "metrics": []}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_training_state(d, opt, sched, ema)
-        state.setdefault("resumes", []).append(state["step"])
-    # Stage 2: rows whose condition is dropped skip the adapter, so some batches leave
-    # its parameters unused; DDP must be told.
-    wrapped = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": stage == "stage2"}
-    )
-    if tc.compile != "none":
-        # The frozen prior too: in Stage 2 its forward is most of the step.
-        mode = compile_mode(tc.compile, "train.compile")
-        compile_blocks(prior, mode)
-        if model is not prior:
-            compile_blocks(model, mode)
-    encoder = None
-    if tc.text_conditions == "worker":
-        encoder = load_text_encoder_from_conf(
-            plain(cfg.models.text_encoder), plain(cfg.models.embedder), device=str(device),
-            kept_texts=tc.condition_cache_texts,
+    def make_ema(self):
+        keep = self.sc.ema_decay > 0 and self.rank == 0
+        self.ema = EMA(self.model, self.sc.ema_decay) if keep else None
+        return self.ema
+
+    def ready(self) -> None:
+        cfg, tc, device = self.cfg, self.tc, self.device
+        # Stage 2: rows whose condition is dropped skip the adapter, so some batches leave
+        # its parameters unused; DDP must be told.
+        self.wrapped = ray.train.torch.prepare_model(
+            self.model, parallel_strategy_kwargs={"find_unused_parameters": self.stage == "stage2"}
         )
-    diffusion = DiffusionConfig(**plain(cfg.diffusion))
-    noise_sched = ddpm_scheduler(diffusion)
-    # Seeded anew at every step from (seed, worker, step), and the data's order from
-    # (seed, epoch) with Ray Data keeping the blocks' order: a run resumed from a
-    # checkpoint draws what the uninterrupted run drew, so its weights equal that run's.
-    gen = torch.Generator(device=device)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tc.use_gpu and tc.autocast_bf16)
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = sc.batch_size // world
-    if rank == 0 and state["step"]:
-        print(f"[train_{stage}] resuming at step {state['step']}/{total}", flush=True)
-    tick, last_loss = time.perf_counter(), None
-    while state["step"] < total:
-        start_step, skip = state["step"], state["step"] % per_epoch
-        batches = shard.iter_batches(
-            batch_size=per_worker,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=tc.shuffle_buffer or None,
-            local_shuffle_seed=seed * 1_000_003 + state["step"] // per_epoch,
+        if tc.compile != "none":
+            # The frozen prior too: in Stage 2 its forward is most of the step.
+            mode = compile_mode(tc.compile, "train.compile")
+            compile_blocks(self.prior, mode)
+            if self.model is not self.prior:
+                compile_blocks(self.model, mode)
+        self.encoder = None
+        if tc.text_conditions == "worker":
+            self.encoder = load_text_encoder_from_conf(
+                plain(cfg.models.text_encoder), plain(cfg.models.embedder), device=str(device),
+                kept_texts=tc.condition_cache_texts,
+            )
+        self.diffusion = DiffusionConfig(**plain(cfg.diffusion))
+        self.noise_sched = ddpm_scheduler(self.diffusion)
+        # Seeded anew at every step from (seed, worker, step), and the data's order from
+        # (seed, epoch) with Ray Data keeping the blocks' order: a run resumed from a
+        # checkpoint draws what the uninterrupted run drew, so its weights equal that run's.
+        self.gen = torch.Generator(device=device)
+        self.seed = training_seed(cfg)
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16,
+                             enabled=tc.use_gpu and tc.autocast_bf16)
+
+    def epoch_batches(self, shards: dict, per_worker: int, shuffle_seed: int):
+        return shards["train"].iter_batches(
+            batch_size=per_worker, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=self.tc.shuffle_buffer or None, local_shuffle_seed=shuffle_seed,
         )
-        for i, batch in enumerate(batches):
-            # Every worker consumes its whole shard each epoch (Ray Data's split expects
-            # it); batches done before a resume, or past the epoch's steps, are skipped.
-            if i < skip or i >= per_epoch or state["step"] >= total:
-                continue
-            step = state["step"]
-            gen.manual_seed(seed * 7919 + rank * 104729 + step)
-            maybe_inject_failure(cfg.run_dir, faults, f"{stage}_{sc.run_name}", step, rank, world)
-            z0, zq, c, m = _batch_tensors(batch, stage, encoder, prior_config["cond_dim"], device)
 
-            def loss_of_rows(rows: slice) -> torch.Tensor:
-                take = lambda t: None if t is None else t[rows]
-                with torch.autocast(**autocast):
-                    if stage == "stage1":
-                        return diffusion_loss(
-                            wrapped,
-                            diffusion,
-                            z0[rows],
-                            take(c),
-                            take(m),
-                            generator=gen,
-                            scheduler=noise_sched,
-                        )
-                    return diffusion_loss(
-                        prior,
-                        diffusion,
-                        z0[rows],
-                        take(c),
-                        take(m),
-                        adapter=wrapped,
-                        z_query=take(zq),
-                        generator=gen,
-                        scheduler=noise_sched,
-                    )
+    def step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
+        self.gen.manual_seed(self.seed * 7919 + self.rank * 104729 + step)
+        z0, zq, c, m = _batch_tensors(batch, self.stage, self.encoder, self.prior_config["cond_dim"], self.device)
 
-            loss = accumulate_gradients(
-                loss_of_rows, z0.shape[0], tc.micro_batch_size, getattr(wrapped, "no_sync", None)
-            )
-            if faults.get("nan_at_step") == step:
-                loss = loss * float("nan")
-            mean_loss, finite = finite_mean(loss.detach(), world, device)
-            if not finite:
-                if rank == 0:
-                    write_stop(tc.storage, sc.run_name, step, float(loss), plain(cfg.storage.s3))
-                return
-            grad_norm = apply_step(opt, sched, params, optim.grad_clip)
-            if ema is not None:
-                ema.update(model)
-            state["step"] = step + 1
-            now = time.perf_counter()
-            row = {
-                "step": step + 1,
-                "epoch": step // per_epoch,
-                "loss": mean_loss,
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "samples_per_s": sc.batch_size / max(now - tick, 1e-9),
-            }
-            tick, last_loss = now, mean_loss
-            if (step + 1) % tc.log_every == 0 or step + 1 == total:
-                state["metrics"].append(row)
-                if rank == 0:
-                    print(
-                        f"[train_{stage}] step {step + 1}/{total} loss {mean_loss:.4f} lr {row['lr']:.2e} "
-                        f"grad norm {grad_norm:.3g} {row['samples_per_s']:.0f} samples/s",
-                        flush=True,
-                    )
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
-                if rank == 0:
-                    _save_checkpoint(model, opt, sched, ema, state, row)
-                else:
-                    ray.train.report(row)
-        if state["step"] == start_step:
-            raise TrainingError(
-                f"worker {rank} read no batch of {per_worker} rows from its shard: "
-                f"the table is smaller than it was when the run started"
-            )
-    if rank == 0 and last_loss is None:
-        print(f"[train_{stage}] the run had already finished ({total} steps): nothing to train", flush=True)
+        def loss_of_rows(rows: slice) -> torch.Tensor:
+            take = lambda t: None if t is None else t[rows]
+            common = dict(generator=self.gen, scheduler=self.noise_sched)
+            with torch.autocast(**self.autocast):
+                if self.stage == "stage1":
+                    return diffusion_loss(self.wrapped, self.diffusion, z0[rows], take(c), take(m), **common)
+                return diffusion_loss(self.prior, self.diffusion, z0[rows], take(c), take(m),
+                                      adapter=self.wrapped, z_query=take(zq), **common)
+
+        loss = accumulate_gradients(loss_of_rows, z0.shape[0], self.tc.micro_batch_size,
+                                    getattr(self.wrapped, "no_sync", None))
+        return loss, {}
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def save(self, directory: str) -> None:
+        self.model.save_pretrained(os.path.join(directory, MODEL_DIR))
+        if self.ema is not None:
+            shadow = type(self.model).from_config(self.model.config)
+            self.ema.copy_to(shadow)
+            shadow.save_pretrained(os.path.join(directory, EMA_MODEL_DIR))
 
 
 # ---------------------------------------------------------------- the driver
@@ -327,7 +251,6 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
     variable) injects the drills' failures."""
     cfg = ctx.cfg
     sc, tc = cfg[f"train_{stage}"], cfg.train
-    faults = faults if faults is not None else json.loads(os.environ.get(FAULTS_ENV) or "{}")
     summary = Summary(f"train_{stage}")
     ctx.start_ray()
     lake = ctx.lake
@@ -351,56 +274,36 @@ def run(ctx: RunContext, stage: str, faults: dict | None = None) -> Summary:
         lake.uri(table),
         "vector" if stage == "stage1" else "z_target",
     )
-    per_epoch = rows // sc.batch_size
+    per_epoch, total = plan_steps(rows, sc.batch_size, sc.epochs, sc.max_steps)
     if per_epoch == 0:
         raise TrainingError(
             f"{lake.uri(table)} has {rows} training rows, fewer than one batch "
             f"(train_{stage}.batch_size={sc.batch_size})"
         )
-    total = per_epoch * sc.epochs
-    if sc.max_steps > 0:
-        total = min(total, sc.max_steps)
     prior_config = _prior_config(cfg)
     if stage == "stage2":
         with tempfile.TemporaryDirectory() as cache:
             # Refused here, before any worker starts, when the sizes differ from the config.
             load_prior(local_copy(sc.prior, lake.s3, cache), expected=_expected(prior_config))
     before = check_resumable(cfg, stage, prior_config, lake.s3)
+    summary.read = rows
     if ctx.dry_run:
-        summary.read = rows
-        summary.extra.update(steps_per_epoch=per_epoch, resume_from=before.get("step", 0), total=total)
-        summary.note = "dry run: no worker started, nothing was written"
-        return summary
+        return dry_run_summary(summary, per_epoch, before, total)
 
     print(
         f"[train_{stage}] {rows} rows, {per_epoch} steps an epoch, {total} steps, "
         f"{tc.num_workers} worker(s); run {tc.storage}/{sc.run_name}",
         flush=True,
     )
-    loop_config = {
-        "cfg": ctx.conf,
-        "stage": stage,
-        "total_steps": total,
-        "steps_per_epoch": per_epoch,
-        "prior_config": prior_config,
-        "faults": faults,
-    }
+    loop_config = {"cfg": ctx.conf, "stage": stage, "total_steps": total, "steps_per_epoch": per_epoch,
+                   "prior_config": prior_config, "faults": faults_of(faults), "shards": ["train"]}
     key = TABLE_KEYS[table]
     train_rows = training_rows(read_table(lake, table, [key, *columns], filter=flt), rows, key,
                                tc.materialize_max_rows, tc.key_order_rows_per_block)
-    checkpoint = fit(train_loop, loop_config, tc, sc.run_name, {"train": train_rows}, lake.s3,
-                     f"train_{stage}", verbose=cfg.log.verbose)
+    checkpoint = fit(functools.partial(run_worker, DiffusionStage), loop_config, tc, sc.run_name,
+                     {"train": train_rows}, lake.s3, f"train_{stage}", verbose=cfg.log.verbose)
     state = export(cfg, stage, checkpoint, lake.s3)
-    resumed = before.get("step", 0)
-    restarts = len(state.get("resumes", [])) - len(before.get("resumes", [])) - (1 if before else 0)
-    summary.read, summary.written = rows, state["step"] - resumed
-    summary.extra.update(
-        resumed_from=resumed,
-        step=state["step"],
-        total=total,
-        restarts=max(0, restarts),
-        loss=state["metrics"][-1]["loss"] if state["metrics"] else float("nan"),
-    )
+    run_summary(summary, before, state, total)
     summary.note = f"model: {sc.output}"
     return summary
 

@@ -100,7 +100,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(lake_dir, tiny_models):
     cfg = _cfg(lake_dir, tiny_models, "faulty", "finetune_embedder.max_steps=8", "train.checkpoint_every=3")
     s = finetune(cfg, fail_at_step=5)
     assert (s.step, s.total, s.restarts) == (8, 8, 1)
-    assert os.path.exists(os.path.join(lake_dir, ".injected_failure_finetune_faulty"))
+    assert os.path.exists(os.path.join(lake_dir, ".injected_failure_finetune_embedder_faulty"))
     # Restarted from the checkpoint at step 3: the count continues, nothing is logged twice.
     assert [r["step"] for r in _metrics(cfg.finetune_embedder.output)] == list(range(1, 9))
 

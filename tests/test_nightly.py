@@ -51,11 +51,11 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
 
     # 3. Unchanged catalogue: no image reaches a model, the same rankings under a new run_id.
     second = nightly.run(cfg)
-    out = capsys.readouterr().out
+    done = second["summaries"]
     assert second["run_id"] != state["run_id"]
-    assert "[caption] read 12, written 0, skipped as unchanged 12" in out
-    assert "[embed] read 12, written 0, skipped as unchanged 12" in out
-    assert "computed 0, reused 4" in out
+    assert (done["caption"]["read"], done["caption"]["written"], done["caption"]["skipped"]) == (12, 0, 12)
+    assert (done["embed"]["read"], done["embed"]["written"], done["embed"]["skipped"]) == (12, 0, 12)
+    assert (done["rank"]["extra"]["computed"], done["rank"]["extra"]["reused"]) == (0, 4)
     assert _rankings(cfg, second["run_id"]).equals(first)
 
     # 4. Two images added: only they are captioned and embedded; the rankings are refreshed.
@@ -67,9 +67,9 @@ def test_nightly_resumes_is_incremental_and_refreshes(tmp_path, tiny_models, ray
         manifest.append({**manifest[0], "image_id": f"new{n}", "uri": uri, "caption": None})
     pq.write_table(pa.Table.from_pylist(manifest), cfg.catalogue.manifest)
     third = nightly.run(cfg)
-    out = capsys.readouterr().out
-    assert "[caption] read 14, written 2, skipped as unchanged 12" in out
-    assert "[embed] read 14, written 2, skipped as unchanged 12" in out
+    done = third["summaries"]
+    assert (done["caption"]["read"], done["caption"]["written"], done["caption"]["skipped"]) == (14, 2, 12)
+    assert (done["embed"]["read"], done["embed"]["written"], done["embed"]["skipped"]) == (14, 2, 12)
     refreshed = _rankings(cfg, third["run_id"])
     assert refreshed.num_rows == 4 * 5
     assert nightly.load_state(cfg)["status"] == "finished"
