@@ -151,8 +151,8 @@ class FinetuneStage(Trainable):
         saved = load_file(os.path.join(directory, TRAINABLE_FILE))
         if sorted(saved) != sorted(self.names):
             raise TrainingError(
-                f"run {self.f.run_name!r} under {self.cfg.train.storage} was checkpointed with other trainable "
-                f"weights ({len(saved)} tensors, this config trains {len(self.names)}: lora_rank or "
+                f"run {self.f.run_name!r} under {self.cfg.train.storage} was checkpointed with other "
+                f"trainable weights ({len(saved)} tensors, this config trains {len(self.names)}: lora_rank or "
                 f"lora_targets changed): choose another finetune_embedder.run_name"
             )
         with torch.no_grad():

@@ -346,7 +346,8 @@ def run_worker(task_class: type[Trainable], config: dict) -> None:
     while state["step"] < total:
         start_step = state["step"]
         shuffle_seed = seed * 1_000_003 + start_step // per_epoch
-        batches = _usable(task.epoch_batches(shards, per_worker, shuffle_seed), start_step % per_epoch, per_epoch)
+        batches = _usable(task.epoch_batches(shards, per_worker, shuffle_seed), start_step % per_epoch,
+                          per_epoch)
         for batch in _prefetched(batches, task.prepare, task.prefetch):
             if state["step"] >= total:
                 continue
@@ -371,7 +372,8 @@ def run_worker(task_class: type[Trainable], config: dict) -> None:
                 if rank == 0:
                     detail = "".join(f" {k.removeprefix('loss_')} {v:.4f}" for k, v in parts.items())
                     print(f"[{task.label}] step {step + 1}/{total} loss {mean_loss:.4f}{detail} "
-                          f"lr {row['lr']:.2e} grad norm {grad_norm:.3g} {row['samples_per_s']:.0f} samples/s",
+                          f"lr {row['lr']:.2e} grad norm {grad_norm:.3g} "
+                          f"{row['samples_per_s']:.0f} samples/s",
                           flush=True)
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
                 if rank == 0:
@@ -383,7 +385,8 @@ def run_worker(task_class: type[Trainable], config: dict) -> None:
                                 f"the inputs are smaller than they were when the run started")
     if rank == 0:
         if not trained:
-            print(f"[{task.label}] the run had already finished ({total} steps): nothing to train", flush=True)
+            print(f"[{task.label}] the run had already finished ({total} steps): nothing to train",
+                  flush=True)
         task.finish(state)
 
 

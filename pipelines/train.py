@@ -208,7 +208,8 @@ class DiffusionStage(Trainable):
 
     def step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
         self.gen.manual_seed(self.seed * 7919 + self.rank * 104729 + step)
-        z0, zq, c, m = _batch_tensors(batch, self.stage, self.encoder, self.prior_config["cond_dim"], self.device)
+        z0, zq, c, m = _batch_tensors(batch, self.stage, self.encoder, self.prior_config["cond_dim"],
+                                      self.device)
 
         def loss_of_rows(rows: slice) -> torch.Tensor:
             take = lambda t: None if t is None else t[rows]
