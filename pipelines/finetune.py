@@ -152,8 +152,8 @@ class FinetuneStage(Trainable):
         if sorted(saved) != sorted(self.names):
             raise TrainingError(
                 f"run {self.f.run_name!r} under {self.cfg.train.storage} was checkpointed with other "
-                f"trainable weights ({len(saved)} tensors, this config trains {len(self.names)}: lora_rank or "
-                f"lora_targets changed): choose another finetune_embedder.run_name"
+                f"trainable weights ({len(saved)} tensors, this config trains {len(self.names)}: "
+                f"lora_rank or lora_targets changed): choose another finetune_embedder.run_name"
             )
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
