@@ -60,9 +60,9 @@ def run(ctx: RunContext) -> Summary:
     cfg, lake = ctx.cfg, ctx.lake
     summary = Summary("rank", note=f"run {ctx.run_id}")
     # What can be refused without Ray is refused first, before any Ray start-up or read.
+    search_kind = check_gallery(ctx)
     use = needs(cfg.rank.mode, cfg.rank.text_query)
     checkpoints = checkpoint_uris(ctx, use)
-    search_kind = check_gallery(ctx)
     ctx.start_ray()
     # Read once into the object store: counted, checked for repeated ids and resolved
     # from there (each read of a small file costs a Ray Data job, about 2 s).
