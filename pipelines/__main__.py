@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from pipelines.quiet import quiet_logs
 from pipelines.registry import COMMANDS, STAGES
 
 
@@ -76,9 +77,7 @@ def run_command(args: argparse.Namespace) -> None:
         evaluate.main(args)
         return
     cfg = load_config(args.config, args.overrides)
-    from pipelines.context import quiet_logs
-
-    quiet_logs(cfg.log.verbose)  # before any library that reads it loads
+    quiet_logs(cfg.log.verbose)  # the config may turn it on
     if args.stage == "plan":  # reads nothing, writes nothing
         from pipelines.plan import plan, render
 
@@ -138,10 +137,11 @@ def run_writer(args: argparse.Namespace, cfg, run_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_logs(args.verbose)  # before Ray, Lance or transformers load and read their environment
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from model.errors import find_pipeline_error
-    from pipelines.context import ray_logs_folder
+    from pipelines.quiet import ray_logs_folder
 
     try:
         run_command(args)

@@ -129,6 +129,9 @@ def test_the_readme_own_catalogue_commands_and_snippets_run(tmp_path, tiny_model
     assert re.search(r"\[preflight\] \d+ OK, 0 problems", outputs[1])
     assert "catalogue.queries" in outputs[1] and "train_stage2.output" in outputs[1]
     assert "[ingest] read 3, written 3" in outputs[2] and "[rank] read 3, written 3" in outputs[2]
+    # Quiet by default: the stages' lines, not Ray's or Lance's own logs.
+    night = done.stdout + done.stderr
+    assert "Execution plan" not in night and "WARN  lance" not in night and " INFO " not in night, night
     assert (tmp_path / "runs/catalogue/report/index.html").exists()
     monkeypatch.chdir(tmp_path)
     for snippet in code_blocks(section, "python"):
