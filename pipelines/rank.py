@@ -65,7 +65,7 @@ def run(ctx: RunContext) -> Summary:
     checkpoints = checkpoint_uris(ctx, use)
     ctx.start_ray()
     # Read once into the object store: counted, checked for repeated ids and resolved
-    # from there (each read of a small file costs a Ray Data job, about 2 s).
+    # from there (each read of a small file costs a Ray Data job).
     queries = read_queries(ctx).materialize()
     summary.read = queries.count()
     if summary.read == 0:
