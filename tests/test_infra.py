@@ -36,3 +36,14 @@ def test_manifest_is_a_kuberay_object_with_a_cpu_head_and_gpu_workers(path):
         overrides = [a for a in args[args.index("--config") + 2:]]
         cfg = load_config(config, overrides)  # unknown keys or wrong types raise ConfigError
         assert cfg.train.use_gpu and cfg.train.num_workers == spec["workerGroupSpecs"][0]["replicas"]
+
+
+def test_the_image_installs_the_wheel_not_a_checkout():
+    """The Dockerfile builds the package's wheel and installs it (its config layers ship
+    inside it), as the wheel test in tests/test_product.py does; no editable install, no
+    source tree left behind for `cirpipe` to depend on."""
+    with open("infra/Dockerfile") as f:
+        steps = f.read()
+    assert "pip wheel" in steps and "/tmp/wheels/*.whl" in steps and "cirpipe --version" in steps
+    assert "install --no-cache-dir -e" not in steps and "-e ." not in steps
+    assert "COPY --chown=ray:users conf" not in steps  # the layers come with the package
