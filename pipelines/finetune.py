@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from model.contrastive import JointTasks, joint_loss
 from model.lora import add_lora, merge_lora
-from model.mllm import FINETUNE_FILE, FusedEmbedder, load_mllm_from_conf, torch_dtype
+from model.mllm import FINETUNE_FILE, FusedEmbedder, torch_dtype
 from model.training import OptimConfig
 from ops.finetune import TARGET_TEXT_COLUMNS, TEXT_TO_IMAGE_COLUMNS, target_text_rows, text_to_image_rows
 from ops.images import ImageRejected, load_image
